@@ -1,0 +1,106 @@
+"""The account page: personal details and the profile photo, read from and saved to the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    send_from_directory,
+    url_for,
+)
+from werkzeug.wrappers import Response
+
+from . import audit, sessions, uploads
+from .auth import login_required
+from .forms import AccountForm, DeleteAccountForm
+from .store import get_store
+
+bp = Blueprint("account", __name__)
+
+PROFILE_FIELDS = ("full_name", "email", "phone", "bio")
+
+
+def _photo_dir() -> str:
+    return current_app.config["PHOTO_DIR"]
+
+
+@bp.route("/account-details", methods=("GET", "POST"))
+@login_required
+def details() -> Any:
+    """Show the account form prefilled from the store; save valid changes and a new photo."""
+    user = g.user
+    form = AccountForm(data={field: user.get(field, "") for field in PROFILE_FIELDS})
+    if form.validate_on_submit():
+        image = None
+        upload = form.photo.data
+        if upload is not None and upload.filename:
+            try:
+                image = uploads.reencode(uploads.read_limited(upload.stream))
+            except uploads.UploadRefused as refused:
+                audit.event("upload_refused", user["username"], reason=str(refused))
+                form.photo.errors = [str(refused)]
+        if not form.photo.errors:
+            _save(user["username"], {f: form[f].data or "" for f in PROFILE_FIELDS}, image)
+            flash("Your details have been saved.", "success")
+            return redirect(url_for("account.details"), 303)
+    status = 422 if form.errors else 200
+    return render_template(
+        "account-details.html",
+        form=form,
+        user=user,
+        session_count=sessions.count(user),
+        delete_form=DeleteAccountForm(formdata=None),
+    ), status
+
+
+def _save(username: str, fields: dict[str, str], image: bytes | None) -> None:
+    """Store the fields and the photo; the record points to the new photo before the old goes."""
+    new_name = uploads.save(image, _photo_dir()) if image is not None else None
+    old: list[str | None] = []
+
+    def change(record: dict[str, Any]) -> None:
+        record.update(fields)
+        if new_name is not None:
+            old.append(record.get("photo"))
+            record["photo"] = new_name
+
+    try:
+        get_store().update(username, change)
+    except BaseException:
+        uploads.remove(_photo_dir(), new_name)  # no orphan file when the save fails
+        raise
+    if old:
+        uploads.remove(_photo_dir(), old[0])
+
+
+@bp.post("/account-details/remove-photo")
+@login_required
+def remove_photo() -> Response:
+    """Remove the current photo: first from the record, then the file."""
+    old: list[str | None] = []
+
+    def change(record: dict[str, Any]) -> None:
+        old.append(record.get("photo"))
+        record["photo"] = None
+
+    get_store().update(g.user["username"], change)
+    uploads.remove(_photo_dir(), old[0])
+    flash("Your photo has been removed.", "success")
+    return redirect(url_for("account.details"), 303)
+
+
+@bp.get("/public/images/profile/<name>")
+def photo(name: str) -> Response:
+    """Serve a stored photo. Only names the server makes can match; others are 404."""
+    if not uploads.NAME_RE.match(name):
+        abort(404)
+    return send_from_directory(
+        _photo_dir(), name, mimetype=uploads.MIMETYPE, max_age=365 * 24 * 3600
+    )

@@ -1,0 +1,41 @@
+"""The audit trail (ASVS 5.0 V16.3): one JSON line per security event on ``secure_app.audit``.
+
+Values are data in a JSON object, never text pasted into a message, so a
+username with a newline cannot forge a second log line. Passwords, hashes,
+cookies and tokens are never passed here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from flask import Flask, has_request_context, request
+
+logger = logging.getLogger("secure_app.audit")
+
+
+def init_app(app: Flask) -> None:
+    """Send audit lines to stderr (where gunicorn and log collectors look) unless configured."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = True
+
+
+def event(name: str, username: str | None = None, **details: object) -> None:
+    """Record security event ``name`` with the client's address and ``details``."""
+    entry: dict[str, object] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "event": name,
+        "username": username,
+    }
+    if has_request_context():
+        entry["ip"] = request.remote_addr
+        entry["path"] = request.path
+    entry.update(details)
+    logger.info(json.dumps(entry, ensure_ascii=True, default=str))

@@ -1,0 +1,127 @@
+"""Configuration: defaults, ``FLASK_*`` overrides, the instance folder and the secret keys.
+
+Order of precedence, lowest first: the defaults below, ``FLASK_``-prefixed
+environment variables (Flask's own ``from_prefixed_env``), then the mapping a
+test passes to ``create_app``.
+
+The secret keys live in ``instance/secret_keys.json`` (mode 0600) unless
+``FLASK_SECRET_KEY`` is set. The file holds the current key and at most one
+fallback, so ``rotate-secret-key`` keeps sessions signed with the previous key
+alive for exactly one rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from flask import Flask
+
+DEFAULTS: dict[str, object] = {
+    "DATA_DIR": "data",
+    "FORCE_HTTPS": False,
+    "PROXY_HOPS": 0,
+    "LOGIN_RATE_LIMIT_IP": "20 per minute",
+    "LOGIN_RATE_LIMIT_USER": "5 per minute",
+    "REGISTER_RATE_LIMIT_IP": "10 per hour",
+    "CHANGE_PASSWORD_RATE_LIMIT_USER": "5 per minute",
+    "RATELIMIT_STORAGE_URI": "memory://",
+    "RATELIMIT_HEADERS_ENABLED": True,
+    "SESSION_IDLE_TIMEOUT": 1800,
+    "PERMANENT_SESSION_LIFETIME": 43200,
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Lax",
+    # The CSRF token lives in the session, which already ends at the idle and
+    # absolute timeouts; a separate one-hour token expiry only breaks forms.
+    "WTF_CSRF_TIME_LIMIT": None,
+    # The largest request is the account form with a 5 MiB photo.
+    "MAX_CONTENT_LENGTH": 6 * 1024 * 1024,
+    "MAX_FORM_MEMORY_SIZE": 64 * 1024,
+    "MAX_FORM_PARTS": 32,
+    "TEMPLATES_AUTO_RELOAD": False,
+}
+
+KEYS_FILE = "secret_keys.json"
+
+
+def configure(app: Flask, test_config: dict | None) -> None:
+    """Fill ``app.config`` from defaults, the environment and ``test_config``."""
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env()
+    if test_config:
+        app.config.from_mapping(test_config)
+
+    root = Path(app.root_path).parent
+    data_dir = Path(app.config["DATA_DIR"])
+    app.config["DATA_DIR"] = str(data_dir if data_dir.is_absolute() else root / data_dir)
+    app.config.setdefault("PHOTO_DIR", str(Path(app.static_folder) / "images" / "profile"))
+
+    force_https = bool(app.config["FORCE_HTTPS"])
+    app.config["SESSION_COOKIE_SECURE"] = force_https
+    # __Host- makes the browser refuse the cookie unless it is Secure, has
+    # Path=/ and no Domain: a sibling subdomain cannot plant or overwrite it.
+    app.config.setdefault("SESSION_COOKIE_NAME", "__Host-session" if force_https else "session")
+    app.config["PREFERRED_URL_SCHEME"] = "https" if force_https else "http"
+
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
+    if not app.config.get("SECRET_KEY"):
+        current, fallbacks = load_keys(Path(app.instance_path))
+        app.config["SECRET_KEY"] = current
+        app.config["SECRET_KEY_FALLBACKS"] = fallbacks
+
+
+def _write_keys(path: Path, keys: list[str], *, replace: bool = True) -> None:
+    """Write the key file atomically with mode 0600 from the first byte.
+
+    With ``replace=False`` an existing file wins (``FileExistsError``): two
+    workers starting at once must end up with the same key, not one each.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"current": keys[0], "fallbacks": keys[1:]}, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _new_key() -> str:
+    return secrets.token_hex(32)
+
+
+def load_keys(instance: Path) -> tuple[str, list[str]]:
+    """Return ``(current, fallbacks)``, creating the key file on first start."""
+    path = instance / KEYS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        key = _new_key()
+        try:
+            _write_keys(path, [key], replace=False)
+        except FileExistsError:  # another worker created it first: use theirs
+            pass
+        data = json.loads(path.read_text(encoding="utf-8"))
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return data["current"], list(data.get("fallbacks", []))
+
+
+def rotate_keys(instance: Path) -> None:
+    """Make a new key current and keep only the previous one as a fallback."""
+    os.makedirs(instance, mode=0o700, exist_ok=True)
+    current, _ = load_keys(instance)
+    _write_keys(instance / KEYS_FILE, [_new_key(), current])

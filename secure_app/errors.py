@@ -1,0 +1,61 @@
+"""Error pages: every status gets a page in the layout, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, render_template, request
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from . import audit
+from .security import login_username_key, retry_after_seconds
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+PAGES = (400, 403, 404, 405, 413, 429, 500, 503)
+
+
+def init_app(app: Flask) -> None:
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(CSRFError, _csrf_error)
+    app.register_error_handler(StoreError, _store_error)
+    app.register_error_handler(InternalServerError, _server_error)
+
+
+def _render(code: int, **context: object) -> tuple[str, int]:
+    template = f"errors/{code}.html" if code in PAGES else "errors/_error.html"
+    return render_template(template, code=code, **context), code
+
+
+def _http_error(error: HTTPException):
+    code = error.code or 500
+    if code == 429:
+        seconds = retry_after_seconds()
+        username = login_username_key()[5:] if request.endpoint == "auth.login" else None
+        audit.event("rate_limited", username, limit=str(error.description))
+        body, _ = _render(429, seconds=seconds)
+        return body, 429, {"Retry-After": str(seconds)}
+    body, status = _render(code, description=error.description)
+    response_headers = error.get_headers() if code == 405 else []
+    allow = [(k, v) for k, v in response_headers if k == "Allow"]
+    return body, status, allow
+
+
+def _csrf_error(error: CSRFError) -> tuple[str, int]:
+    audit.event("csrf_refused", None, reason=error.description)
+    return _render(400, description=error.description)
+
+
+def _store_error(error: StoreError) -> tuple[str, int]:
+    log.error("store failure: %s", error)
+    return _render(503)
+
+
+def _server_error(error: InternalServerError) -> tuple[str, int]:
+    try:
+        return _render(500)
+    except Exception:  # the layout itself failed: fall back to plain text
+        log.exception("error page failed")
+        return "Internal Server Error", 500
