@@ -7,34 +7,41 @@ The file ``users.jsonl`` in the data folder is UTF-8, one JSON object a line::
 
 A line holds a key ``k`` and the whole record ``v``; the last line for a key
 wins. Records are JSON, so no user text (newlines, quotes, any Unicode) can
-break the format. Deleting a key rewrites the file without it at once.
+break the format; a string that is not valid Unicode (a lone surrogate) is
+written with ``\\u`` escapes so the file stays valid UTF-8. Deleting a key
+rewrites the file without any version of it, at once. A superseded version of
+a record stays in the file until the next compaction: at most until dead
+lines outnumber live ones (and at least ``COMPACT_MIN_DEAD`` are dead).
 
 How each promise is kept:
 
 * **Locked.** Writers take a thread lock and an exclusive ``flock`` on the
   separate file ``users.lock`` (not on the data file, whose inode changes at
   compaction). A read-modify-write (``update``) is one critical section.
-* **Atomic.** A change is one line written with one ``write``. Readers take
-  only complete lines (ending in ``\\n``), so they see a record before or
+  Readers take the same lock only to read bytes they have not seen yet.
+* **Atomic.** A change is one line written with one ``write``. Only complete
+  lines (ending in ``\\n``) are read, so a reader sees a record before or
   after a write, never half of it. Compaction swaps whole files with
   ``os.replace``.
-* **Durable.** Every append is ``fsync``-ed before the call returns; a new
-  file or a rename is followed by an ``fsync`` of the folder.
+* **Durable.** Appends are written with ``O_DSYNC``, so they are on disk
+  before the call returns (as with ``fdatasync``); a compacted copy is
+  ``fsync``-ed before it is renamed into place, and a new file or a rename is
+  followed by an ``fsync`` of the folder.
 * **Self-healing.** A torn last line (a writer killed mid-write) has no
-  newline; the next writer, holding the lock, truncates it away. Lines that
-  are not valid JSON are skipped, never fatal.
-* **O(1) per update.** An update appends one line. Each process keeps an
-  index in memory and reads only the bytes it has not seen yet. When dead
-  lines outnumber live ones, the file is compacted; other processes notice
-  the new inode and reload.
+  newline; whoever next reads new bytes or writes, holding the lock, cuts it
+  off. Lines that are not valid JSON records are skipped, never fatal.
+* **O(1) per update.** An update appends one line and keeps the file open.
+  Each process keeps an index in memory (key to line) and reads only the
+  bytes it has not seen. When dead lines outnumber live ones the file is
+  compacted (amortised O(1)); other processes notice the new inode and reload.
 
 A failed save (full disk, read-only folder) raises :class:`StoreError` after
 putting the file back as it was: the caller reports "nothing was changed".
+The file is not meant to be edited while the site runs.
 """
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import logging
@@ -43,7 +50,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,13 @@ log = logging.getLogger(__name__)
 # Compact only once there are more dead lines than live ones, and at least
 # this many, so a small file is not rewritten on every other update.
 COMPACT_MIN_DEAD = 100
+# Compaction writes the fresh file in pieces of about this size.
+CHUNK = 1 << 20
+
+
+# Built once: json.dumps with options would build a new encoder on every call.
+_READABLE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ESCAPED = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 class StoreError(Exception):
@@ -63,8 +77,32 @@ class StoreError(Exception):
 
 
 def _encode(key: str, record: Record) -> bytes:
-    line = json.dumps({"k": key, "v": record}, ensure_ascii=False, separators=(",", ":"))
-    return line.encode("utf-8") + b"\n"
+    """Return the line for ``record``: readable UTF-8, or ``\\u`` escapes where it cannot be."""
+    entry = {"k": key, "v": record}
+    try:
+        line = _READABLE.encode(entry).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escape it rather than write invalid UTF-8
+        line = _ESCAPED.encode(entry).encode("ascii")
+    return line + b"\n"
+
+
+def _decode(raw: bytes) -> tuple[str, Record] | None:
+    """Return (key, record) from a line, or None for a line that is not a record."""
+    try:
+        entry = json.loads(raw)
+        key, record = entry["k"], entry["v"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(key, str) or not isinstance(record, dict):
+        return None
+    return key, record
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; a full disk shows as a short write, then ENOSPC."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -79,178 +117,279 @@ class Store:
     """A dictionary of JSON records kept in one text file, safe across processes.
 
     Create one per process (gunicorn creates the app after forking, so each
-    worker has its own); it is safe to share between threads.
+    worker has its own; a store used across a fork reopens its files in the
+    child). It is safe to share between threads.
     """
+
+    compact_min_dead = COMPACT_MIN_DEAD  # tests lower it to see compaction often
 
     def __init__(self, folder: str | os.PathLike[str], name: str = "users.jsonl") -> None:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.lock_path = self.folder / (Path(name).stem + ".lock")
+        self._pid = os.getpid()
         self._mutex = threading.RLock()
         self._lock_fd: int | None = None
+        self._flock_depth = 0
+        self._checked_copies = False
         self._fd: int | None = None  # read handle on the file we have indexed
+        self._wfd: int | None = None  # append handle on the same file, opened on first write
         self._ino: tuple[int, int] | None = None
         self._offset = 0  # bytes of complete lines consumed
+        self._size = 0  # bytes in the file when last looked at (more than _offset: a torn tail)
         self._lines = 0  # lines consumed, live or dead
-        self._index: dict[str, Record] = {}
+        self._index: dict[str, bytes] = {}  # key -> its last line, without the newline
 
     # -- reading -----------------------------------------------------------
 
     def get(self, key: str) -> Record | None:
-        """Return a copy of the record for ``key``, or ``None``."""
-        with self._mutex:
+        """Return a fresh copy of the record for ``key``, or ``None``."""
+        with self._held():
             self._refresh()
-            record = self._index.get(key)
-            return copy.deepcopy(record) if record is not None else None
+            raw = self._index.get(key)
+        return None if raw is None else json.loads(raw)["v"]
 
     def __contains__(self, key: str) -> bool:
-        with self._mutex:
+        with self._held():
             self._refresh()
             return key in self._index
 
     def __len__(self) -> int:
-        with self._mutex:
+        with self._held():
             self._refresh()
             return len(self._index)
 
     def keys(self) -> list[str]:
-        with self._mutex:
+        with self._held():
             self._refresh()
             return list(self._index)
 
-    def _reset(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._ino = None, None
-        self._offset, self._lines = 0, 0
-        self._index = {}
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        """Hold the thread lock; in a forked child, first drop the parent's handles."""
+        if self._pid != os.getpid():
+            # flock belongs to the open file, which a fork shares with the
+            # parent: reusing the parent's lock handle would not exclude it.
+            self._pid = os.getpid()
+            self._mutex = threading.RLock()
+            self._flock_depth = 0
+            self.close()
+        with self._mutex:
+            yield
+
+    def _up_to_date(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self._fd is None
+        return (st.st_dev, st.st_ino) == self._ino and st.st_size == self._offset
 
     def _refresh(self) -> None:
-        """Bring the index up to date by reading only what is new."""
+        """Bring the index up to date, reading only what is new (the usual case: nothing)."""
+        try:
+            if self._up_to_date():
+                return
+        except OSError as exc:
+            raise StoreError(f"cannot read the database: {exc.strerror}") from exc
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self._flock())
+                locked = True
+            except StoreError:
+                # No lock (a read-only folder without a lock file): nobody can
+                # be writing there, so read without it.
+                locked = False
+            data = self._read_new()
+            if locked:
+                try:
+                    self._heal()
+                except StoreError:
+                    log.exception("could not cut a torn write off %s", self.path)
+        self._consume(data)
+
+    def _reset(self) -> None:
+        for fd in (self._fd, self._wfd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._wfd = self._ino = None
+        self._offset, self._size, self._lines = 0, 0, 0
+        self._index = {}
+
+    def _read_new(self) -> bytes:
+        """Return the complete lines added since the last read; reopen a replaced file."""
+        try:
+            return self._read_new_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read the database: {exc.strerror}") from exc
+
+    def _read_new_bytes(self) -> bytes:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             self._reset()
-            return
+            return b""
         if self._fd is None or (st.st_dev, st.st_ino) != self._ino or st.st_size < self._offset:
-            # First read, a compaction elsewhere (new inode), or an outside edit.
+            # First read, or a compaction elsewhere (new inode).
             self._reset()
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
-                return
-            fst = os.fstat(self._fd)
-            self._ino = (fst.st_dev, fst.st_ino)
-        size = os.fstat(self._fd).st_size
-        if size > self._offset:
-            self._consume(os.pread(self._fd, size - self._offset, self._offset))
+                return b""
+            st = os.fstat(self._fd)
+            self._ino = (st.st_dev, st.st_ino)
+        size = self._size = st.st_size
+        if size <= self._offset:
+            return b""
+        data = os.pread(self._fd, size - self._offset, self._offset)
+        end = data.rfind(b"\n") + 1  # a torn tail without newline is left for _heal
+        self._offset += end
+        return data[:end]
 
     def _consume(self, data: bytes) -> None:
-        end = data.rfind(b"\n") + 1  # a torn tail without newline is left alone
-        for raw in data[:end].splitlines():
+        if not data:
+            return
+        lines = data.split(b"\n")
+        lines.pop()  # the empty piece after the last newline
+        for raw in lines:
             self._lines += 1
-            try:
-                entry = json.loads(raw)
-                key, record = entry["k"], entry["v"]
-                if not isinstance(key, str) or not isinstance(record, dict):
-                    raise ValueError("not a record")
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipping an unreadable line in %s", self.path)
+            decoded = _decode(raw)
+            if decoded is None:
+                if raw.strip():
+                    log.warning("skipping an unreadable line in %s", self.path)
                 continue
-            self._index[key] = record
-        self._offset += end
+            self._index[decoded[0]] = raw
 
     # -- writing -----------------------------------------------------------
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the thread lock and the cross-process lock, with a fresh, healed index."""
-        with self._mutex:
+    def _flock(self) -> Iterator[None]:
+        """Hold the exclusive cross-process lock (re-entrant within this store)."""
+        if self._flock_depth == 0:
             try:
                 if self._lock_fd is None:
                     self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                    # Read-only is enough for flock, and works on a read-only folder.
+                    self._lock_fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o600)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             except OSError as exc:
                 raise StoreError(f"cannot lock the database: {exc.strerror}") from exc
-            try:
-                self._refresh()
-                self._heal()
-                yield
-            finally:
+        self._flock_depth += 1
+        try:
+            yield
+        finally:
+            self._flock_depth -= 1
+            if self._flock_depth == 0 and self._lock_fd is not None:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold both locks, with an index that is up to date and a file with no torn tail."""
+        with self._held(), self._flock():
+            self._consume(self._read_new())
+            self._heal()
+            if not self._checked_copies:
+                self._remove_stale_copies()
+                self._checked_copies = True
+            yield
 
     def _heal(self) -> None:
         """Cut off a torn last line. Only called under the lock, so no writer is live."""
-        if self._fd is None or os.fstat(self._fd).st_size == self._offset:
+        if self._fd is None or self._size == self._offset:
             return
         log.warning("discarding a torn write at the end of %s", self.path)
         try:
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, self._offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.ftruncate(self._writer(), self._offset)
+            os.fsync(self._wfd)  # type: ignore[arg-type]
         except OSError as exc:
             raise StoreError(f"cannot repair the database: {exc.strerror}") from exc
+        self._size = self._offset
 
-    def _append(self, data: bytes) -> None:
-        """Append complete lines with one write and fsync them, or change nothing."""
-        created = not self.path.exists()
+    def _writer(self) -> int:
+        """Return the append handle, creating the file if there is none yet."""
+        if self._wfd is None:
+            created = self._fd is None
+            # O_DSYNC: each write returns only once it is on disk (one call
+            # instead of write plus fdatasync).
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_DSYNC
+            self._wfd = os.open(self.path, flags, 0o600)
+            if created:
+                _fsync_dir(self.folder)  # the new name must survive a power cut
+                self._fd = os.open(self.path, os.O_RDONLY)
+                fst = os.fstat(self._fd)
+                self._ino = (fst.st_dev, fst.st_ino)
+        return self._wfd
+
+    def _append(self, key: str, line: bytes) -> None:
+        """Append one line with one write and make it durable, or change nothing."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = self._writer()
         except OSError as exc:
             raise StoreError(f"cannot open the database: {exc.strerror}") from exc
         try:
-            start = os.fstat(fd).st_size
-            try:
-                written = os.write(fd, data)
-                if written != len(data):
-                    raise OSError(28, "short write")  # ENOSPC part-way through
-                os.fsync(fd)
-                if created:
-                    _fsync_dir(self.folder)
-            except OSError as exc:
-                try:  # take back whatever part of the line reached the file
-                    os.ftruncate(fd, start)
-                    os.fsync(fd)
-                except OSError:
-                    log.exception("could not roll back a failed append to %s", self.path)
-                raise StoreError(f"cannot write the database: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
-        self._refresh()
-
-    def _rewrite(self, index: dict[str, Record]) -> None:
-        """Replace the file with one holding exactly ``index``."""
-        tmp = self.folder / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                chunk: list[bytes] = []
-                for key, record in index.items():
-                    chunk.append(_encode(key, record))
-                    if len(chunk) >= 1024:
-                        os.write(fd, b"".join(chunk))
-                        chunk = []
-                data = b"".join(chunk)
-                if os.write(fd, data) != len(data):
-                    raise OSError(28, "short write")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            _fsync_dir(self.folder)
+            _write_all(fd, line)  # durable on return (O_DSYNC)
         except OSError as exc:
+            try:  # take back whatever part of the line reached the file
+                os.ftruncate(fd, self._offset)
+                os.fsync(fd)
+            except OSError:
+                log.exception("could not roll back a failed append to %s", self.path)
+                self._reset()  # reload from whatever the file now holds
+            raise StoreError(f"cannot write the database: {exc.strerror}") from exc
+        self._offset += len(line)
+        self._size = self._offset
+        self._lines += 1
+        self._index[key] = line[:-1]
+
+    def _rewrite(self, index: dict[str, bytes]) -> None:
+        """Replace the file with one holding exactly the lines in ``index``."""
+        self._remove_stale_copies()
+        tmp = self.folder / f".{self.path.name}.{secrets.token_hex(8)}.tmp"
+        fd: int | None = None
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            size, chunk, chunk_size = 0, [], 0
+            for raw in index.values():
+                chunk.append(raw + b"\n")
+                chunk_size += len(raw) + 1
+                if chunk_size >= CHUNK:
+                    _write_all(fd, b"".join(chunk))
+                    size, chunk, chunk_size = size + chunk_size, [], 0
+            _write_all(fd, b"".join(chunk))
+            size += chunk_size
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot rewrite the database: {exc.strerror}") from exc
+        # The new file is in place: index it as written instead of reading it back.
         self._reset()
-        self._refresh()
+        self._fd, self._index = fd, index
+        fst = os.fstat(fd)
+        self._ino = (fst.st_dev, fst.st_ino)
+        self._offset, self._size, self._lines = size, size, len(index)
+        try:
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise StoreError(f"cannot make the new database durable: {exc.strerror}") from exc
+
+    def _remove_stale_copies(self) -> None:
+        """Delete half-written copies left by a compaction that was killed.
+
+        Only called under the lock, when no compaction runs. They may hold
+        records deleted since, which must not linger on disk.
+        """
+        for stale in self.folder.glob(f".{self.path.name}.*.tmp"):
+            log.warning("removing %s, left by an interrupted compaction", stale)
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: try again on a later write
+                log.exception("could not remove %s", stale)
 
     def _maybe_compact(self) -> None:
         dead = self._lines - len(self._index)
-        if dead > len(self._index) and dead >= COMPACT_MIN_DEAD:
+        if dead > len(self._index) and dead >= self.compact_min_dead:
             try:
                 self._rewrite(dict(self._index))
             except StoreError:
@@ -260,29 +399,30 @@ class Store:
 
     def create(self, key: str, record: Record) -> bool:
         """Store ``record`` under a new ``key``; return False if the key exists."""
-        data = _encode(key, record)
+        line = _encode(key, record)
         with self._locked():
             if key in self._index:
                 return False
-            self._append(data)
+            self._append(key, line)
             return True
 
     def update(self, key: str, change: Callable[[Record], Record | None]) -> Record:
         """Apply ``change`` to a copy of the record and save the result, atomically.
 
         ``change`` runs inside the lock, so concurrent updates never lose each
-        other's work. It may mutate its argument and return ``None``. Raises
-        ``KeyError`` if there is no such record.
+        other's work. It may mutate its argument and return ``None``. Returns
+        the saved record. Raises ``KeyError`` if there is no such record.
         """
         with self._locked():
-            current = self._index[key]
-            draft = copy.deepcopy(current)
+            raw = self._index[key]
+            draft = json.loads(raw)["v"]
             result = change(draft)
             new = draft if result is None else result
-            if new != current:
-                self._append(_encode(key, new))
+            line = _encode(key, new)
+            if line[:-1] != raw:
+                self._append(key, line)
                 self._maybe_compact()
-            return copy.deepcopy(new)
+            return new
 
     def delete(self, key: str) -> bool:
         """Remove ``key`` and every earlier version of it from the file, at once."""
@@ -300,6 +440,7 @@ class Store:
             self._rewrite(dict(self._index))
 
     def close(self) -> None:
+        """Close the files; the store reopens them if it is used again."""
         with self._mutex:
             self._reset()
             if self._lock_fd is not None:

@@ -1,0 +1,214 @@
+"""Honest failures: a full disk or a read-only data folder refuses the save and keeps the old data.
+
+Each test runs twice:
+
+* ``tmpfs``: the data folder is a real, tiny tmpfs (``mount -t tmpfs -o
+  size=...``), filled up for ENOSPC and remounted read-only for EROFS. This
+  needs root and a working ``mount``; without them it is skipped with the
+  reason, and the injected run below still runs.
+* ``injected``: the store's write path (``secure_app.store._write_all``)
+  raises the ``OSError`` itself, after writing half of the bytes for ENOSPC,
+  as a disk that fills up part-way through a write does.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import secure_app.store as store_module
+from helpers import PASSWORD, AuthActions, csrf_token, make_app
+from secure_app.store import Store, StoreError, new_user
+
+FS_SIZE = 512 * 1024
+
+
+@functools.cache
+def mount_works() -> bool:
+    if os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory() as probe:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe]).returncode
+        if ok == 0:
+            subprocess.run(["umount", probe], check=True)
+        return ok == 0
+
+
+class FaultyFolder:
+    """A data folder that can be made full or read-only, for real or by injection."""
+
+    def __init__(self, root: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.path = root / "data"
+        self.how = how
+        self._monkeypatch = monkeypatch
+        self.path.mkdir()
+        if how == "tmpfs":
+            run("mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", self.path)
+
+    def fill(self, leave: int = 2 * 4096) -> None:
+        """Make the next write fail with ENOSPC, part-way through a line of more than ``leave``."""
+        if self.how == "injected":
+
+            def half_then_full(fd: int, data: bytes) -> None:
+                os.write(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            self._monkeypatch.setattr(store_module, "_write_all", half_then_full)
+            return
+        fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            size = 0
+            while True:
+                try:
+                    size += os.write(fd, b"\0" * 4096)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+            os.ftruncate(fd, max(0, size - leave))
+        finally:
+            os.close(fd)
+
+    def make_read_only(self, *stores: Store) -> None:
+        """Make the folder read-only: the stores are closed first, as by a restart."""
+        for store in stores:
+            store.close()  # Linux refuses a read-only remount while a file is open for writing
+        if self.how == "injected":
+
+            def read_only(fd: int, data: bytes) -> None:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+            self._monkeypatch.setattr(store_module, "_write_all", read_only)
+            return
+        run("mount", "-o", "remount,ro", self.path)
+
+    def restore(self) -> None:
+        self._monkeypatch.undo()
+        if self.how == "tmpfs":
+            run("mount", "-o", "remount,rw", self.path)
+            (self.path / "filler").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._monkeypatch.undo()
+        if self.how == "tmpfs":
+            run("umount", "-l", self.path)
+
+
+def run(*args: object) -> None:
+    subprocess.run([str(a) for a in args], check=True)
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def faulty(request, tmp_path: Path):
+    if request.param == "tmpfs" and not mount_works():
+        pytest.skip("a real tmpfs needs root and mount; the injected run covers this case")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = FaultyFolder(tmp_path, request.param, monkeypatch)
+        try:
+            yield folder
+        finally:
+            folder.close()
+
+
+def seed(store: Store) -> bytes:
+    store.create("alice", new_user("alice", "$argon2id$fake") | {"bio": "old bio"})
+    store.create("bob", new_user("bob", "$argon2id$fake") | {"bio": "bob's"})
+    return (store.path).read_bytes()
+
+
+def assert_unchanged(folder: Path, before: bytes) -> None:
+    assert (folder / "users.jsonl").read_bytes() == before
+    assert not list(folder.glob(".users.jsonl.*.tmp"))
+    fresh = Store(folder)
+    try:
+        assert fresh.get("alice")["bio"] == "old bio"
+        assert fresh.get("bob")["bio"] == "bob's"
+    finally:
+        fresh.close()
+
+
+def test_full_disk_refuses_an_update_and_keeps_the_old_record(faulty):
+    store = Store(faulty.path)
+    before = seed(store)
+    faulty.fill()
+    with pytest.raises(StoreError):
+        store.update("alice", lambda r: r.update(bio="new " * 20000))
+    assert_unchanged(faulty.path, before)  # the part that was written is taken back at once
+    assert store.get("alice")["bio"] == "old bio"
+    faulty.restore()  # space again: the same store saves, and it lasts
+    store.update("alice", lambda r: r.update(bio="new"))
+    store.close()
+    assert Store(faulty.path).get("alice")["bio"] == "new"
+
+
+def test_full_disk_refuses_delete_and_compaction_and_loses_nothing(faulty):
+    store = Store(faulty.path)
+    before = seed(store)
+    faulty.fill(leave=0)  # no room for the fresh copy that either would write
+    with pytest.raises(StoreError):
+        store.delete("alice")
+    with pytest.raises(StoreError):
+        store.compact()
+    assert "alice" in store
+    assert_unchanged(faulty.path, before)
+    store.close()
+
+
+def test_read_only_folder_refuses_an_update_and_still_reads(faulty):
+    store = Store(faulty.path)
+    before = seed(store)
+    faulty.make_read_only(store)
+    with pytest.raises(StoreError):
+        store.update("alice", lambda r: r.update(bio="new"))
+    with pytest.raises(StoreError):
+        store.create("carol", new_user("carol", "$argon2id$fake"))
+    assert_unchanged(faulty.path, before)
+    assert store.get("alice")["bio"] == "old bio"
+    assert "carol" not in store
+    store.close()
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_account_details_save_that_fails_gives_503_and_changes_nothing(faulty, tmp_path, fault):
+    app = make_app(tmp_path, DATA_DIR=str(faulty.path))
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register("alice", PASSWORD).status_code == 302
+    assert auth.login("alice", PASSWORD).status_code == 302
+    token = csrf_token(client, "/account-details")
+    app_store = app.extensions["secure_app.store"]
+    record = app_store.get("alice")
+    before = (faulty.path / "users.jsonl").read_bytes()
+
+    if fault == "full":
+        faulty.fill(leave=0)  # and the new line is longer than a page, so no slack can hold it
+    else:
+        faulty.make_read_only(app_store)
+    response = client.post(
+        "/account-details",
+        data={
+            "csrf_token": token,
+            "full_name": "Mallory Changed",
+            "email": "changed@example.org",
+            "phone": "+1 555 0100",
+            "bio": "\U0001d54f" * 1000,  # 4,000 bytes of UTF-8
+        },
+    )
+    page = response.get_data(as_text=True)
+    assert response.status_code == 503
+    assert "nothing was changed" in page
+    assert "Traceback" not in page and "StoreError" not in page
+    assert (faulty.path / "users.jsonl").read_bytes() == before
+    assert app_store.get("alice") == record
+    fresh = Store(faulty.path)
+    try:
+        assert fresh.get("alice") == record
+    finally:
+        fresh.close()
+    # The account page still shows the saved details.
+    assert client.get("/account-details").status_code == 200
