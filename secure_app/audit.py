@@ -16,6 +16,10 @@ from flask import Flask, has_request_context, request
 
 logger = logging.getLogger("secure_app.audit")
 
+# A failed login logs whatever was typed as the username; bound it so junk
+# names cannot flood the log. Valid usernames are at most 32 characters.
+MAX_USERNAME = 64
+
 
 def init_app(app: Flask) -> None:
     """Send audit lines to stderr (where gunicorn and log collectors look) unless configured."""
@@ -32,7 +36,7 @@ def event(name: str, username: str | None = None, **details: object) -> None:
     entry: dict[str, object] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "event": name,
-        "username": username,
+        "username": username[:MAX_USERNAME] if isinstance(username, str) else username,
     }
     if has_request_context():
         entry["ip"] = request.remote_addr

@@ -101,6 +101,11 @@ def safe_next(target: str | None) -> str | None:
 
 def _begin_session(username: str) -> None:
     """Start a fresh session for ``username`` (prevents session fixation)."""
+    if g.user is not None:
+        # Logging in again in this browser ends its previous session on the
+        # server too: a copy of the old cookie must not outlive it.
+        old_sid = session.get("sid", "")
+        get_store().update(g.user["username"], lambda r: sessions.end(r, old_sid))
     session.clear()
     now = int(time.time())
     lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
@@ -111,11 +116,14 @@ def _begin_session(username: str) -> None:
     session["seen"] = now
 
 
-def _end_session_response(message: str) -> Response:
-    """Forget the session in this browser too, leaving only ``message`` to show."""
+def _end_session_response(notice: str) -> Response:
+    """Forget the session in this browser too, and say so on the home page.
+
+    The message travels as a fixed key in the URL, not as a flash: a flash
+    lives in the session cookie, which Clear-Site-Data makes the browser drop.
+    """
     session.clear()
-    flash(message, "info")
-    response = redirect(url_for("pages.index"))
+    response = redirect(url_for("pages.index", notice=notice))
     # Ask the browser to drop everything this origin stored (ASVS 5.0 V7.4.1).
     response.headers["Clear-Site-Data"] = '"cookies", "storage"'
     return response
@@ -179,7 +187,7 @@ def logout() -> Response:
         sid = session.get("sid", "")
         get_store().update(g.user["username"], lambda r: sessions.end(r, sid))
         audit.event("logout", g.user["username"])
-    return _end_session_response("You have been logged out.")
+    return _end_session_response("logged-out")
 
 
 @bp.post("/logout-others")
@@ -247,7 +255,7 @@ def delete_account() -> Any:
         get_store().delete(username)
         uploads.remove(_config("PHOTO_DIR"), g.user.get("photo"))
         audit.event("account_deleted", username)
-        return _end_session_response("Your account and its data have been deleted.")
+        return _end_session_response("account-deleted")
     audit.event("account_delete_refused", username)
     flash("Your account was not deleted: the password was not right.", "error")
     return redirect(url_for("account.details"), 303)

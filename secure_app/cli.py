@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from . import passwords
 from .config import rotate_keys
@@ -16,6 +17,7 @@ from .store import get_store, new_user
 
 
 def init_app(app: Flask) -> None:
+    """Register the commands. ``with_appcontext`` lets them run from ``app.cli`` too (tests)."""
     app.cli.add_command(create_user)
     app.cli.add_command(rotate_secret_key)
 
@@ -33,6 +35,7 @@ def _read_password() -> tuple[str, str]:
 
 @click.command("create-user")
 @click.argument("username")
+@with_appcontext
 def create_user(username: str) -> None:
     """Create a user; the password is asked for twice (or read as two lines from stdin)."""
     username = normalize_username(username)
@@ -53,6 +56,7 @@ def create_user(username: str) -> None:
 
 
 @click.command("rotate-secret-key")
+@with_appcontext
 def rotate_secret_key() -> None:
     """Make a new secret key current; keep the previous one as the only fallback."""
     instance = Path(current_app.instance_path)

@@ -28,7 +28,10 @@ DEFAULTS: dict[str, object] = {
     "REGISTER_RATE_LIMIT_IP": "10 per hour",
     "CHANGE_PASSWORD_RATE_LIMIT_USER": "5 per minute",
     "RATELIMIT_STORAGE_URI": "memory://",
-    "RATELIMIT_HEADERS_ENABLED": True,
+    # Retry-After goes on the 429 page only (errors.py). Flask-Limiter's own
+    # headers would put it on every response and tell a guesser how many
+    # attempts are left.
+    "RATELIMIT_HEADERS_ENABLED": False,
     "SESSION_IDLE_TIMEOUT": 1800,
     "PERMANENT_SESSION_LIFETIME": 43200,
     "SESSION_COOKIE_HTTPONLY": True,
@@ -38,7 +41,9 @@ DEFAULTS: dict[str, object] = {
     "WTF_CSRF_TIME_LIMIT": None,
     # The largest request is the account form with a 5 MiB photo.
     "MAX_CONTENT_LENGTH": 6 * 1024 * 1024,
-    "MAX_FORM_MEMORY_SIZE": 64 * 1024,
+    # Werkzeug also checks this against its multipart buffer, which takes the
+    # body in 64 KiB reads: at 64 KiB or less every photo over 64 KiB got a 413.
+    "MAX_FORM_MEMORY_SIZE": 128 * 1024,
     "MAX_FORM_PARTS": 32,
     "TEMPLATES_AUTO_RELOAD": False,
 }
@@ -62,7 +67,9 @@ def configure(app: Flask, test_config: dict | None) -> None:
     app.config["SESSION_COOKIE_SECURE"] = force_https
     # __Host- makes the browser refuse the cookie unless it is Secure, has
     # Path=/ and no Domain: a sibling subdomain cannot plant or overwrite it.
-    app.config.setdefault("SESSION_COOKIE_NAME", "__Host-session" if force_https else "session")
+    # Flask's own default is "session", so setdefault would never apply: replace only that.
+    if force_https and app.config["SESSION_COOKIE_NAME"] == "session":
+        app.config["SESSION_COOKIE_NAME"] = "__Host-session"
     app.config["PREFERRED_URL_SCHEME"] = "https" if force_https else "http"
 
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
@@ -108,6 +115,8 @@ def load_keys(instance: Path) -> tuple[str, list[str]]:
     path = instance / KEYS_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{path} is not a valid key file; restore it or delete it.") from None
     except FileNotFoundError:
         key = _new_key()
         try:
@@ -117,7 +126,18 @@ def load_keys(instance: Path) -> tuple[str, list[str]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
-    return data["current"], list(data.get("fallbacks", []))
+    try:
+        current, fallbacks = data["current"], list(data.get("fallbacks", []))
+    except (TypeError, KeyError):
+        current, fallbacks = None, []
+    if (
+        not isinstance(current, str)
+        or not current
+        or not all(isinstance(k, str) for k in fallbacks)
+    ):
+        # Never start with a made-up key: every session would silently end.
+        raise RuntimeError(f"{path} is not a valid key file; restore it or delete it.")
+    return current, fallbacks
 
 
 def rotate_keys(instance: Path) -> None:

@@ -32,8 +32,17 @@ def normalize_username(value: object) -> str:
     return value.lower() if isinstance(value, str) else ""
 
 
+# Zero-width (non-)joiners are format characters that Persian, Indic scripts
+# and emoji sequences need; every other one (bidi overrides that reorder what
+# a reader sees, invisible spaces) has no place in a name.
+_JOINERS = {"\u200c", "\u200d"}
+
+
 def _no_control_characters(form: FlaskForm, field: StringField) -> None:
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in field.data or ""):
+    if any(
+        unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in _JOINERS
+        for ch in field.data or ""
+    ):
         raise ValidationError("Remove line breaks and invisible control characters.")
 
 

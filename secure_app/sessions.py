@@ -18,7 +18,9 @@ import hashlib
 import secrets
 from typing import Any
 
+from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 
 # Old sessions are pruned at login; a user never has more than this many.
 MAX_SESSIONS_PER_USER = 20
@@ -29,6 +31,15 @@ class Sha256SessionInterface(SecureCookieSessionInterface):
 
     digest_method = staticmethod(hashlib.sha256)
     salt = "secure_app.session"
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        # Flask builds a new serializer (and derives its keys) on every
+        # request; build it once per set of keys instead.
+        keys = (app.secret_key, tuple(app.config.get("SECRET_KEY_FALLBACKS") or ()))
+        cached = getattr(self, "_serializer", None)
+        if cached is None or cached[0] != keys:
+            cached = self._serializer = (keys, super().get_signing_serializer(app))
+        return cached[1]
 
 
 def _digest(sid: str) -> str:

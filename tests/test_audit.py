@@ -1,0 +1,144 @@
+"""The audit trail: one JSON line per security event, with who and from where, never a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from helpers import OTHER_PASSWORD, PASSWORD, csrf_token, make_app
+
+AUDIT = "secure_app.audit"
+
+
+@pytest.fixture
+def audit_log(caplog):
+    """The audit lines of this test, parsed; also checks each is exactly one JSON line."""
+    caplog.set_level(logging.INFO, logger=AUDIT)
+
+    def lines() -> list[dict]:
+        parsed = []
+        for record in caplog.records:
+            if record.name != AUDIT:
+                continue
+            message = record.getMessage()
+            assert "\n" not in message and "\r" not in message
+            parsed.append(json.loads(message))
+        return parsed
+
+    return lines
+
+
+def _events(lines: list[dict], name: str) -> list[dict]:
+    return [line for line in lines if line["event"] == name]
+
+
+def _assert_no_secrets(text: str, *secrets: str) -> None:
+    for secret in (PASSWORD, OTHER_PASSWORD, "$argon2", *secrets):
+        assert secret not in text
+
+
+def test_each_security_event_writes_one_json_line(app, client, auth, audit_log, caplog, capsys):
+    auth.register()
+    auth.login("alice", OTHER_PASSWORD)  # failure
+    auth.login()  # success
+    cookie = client.get_cookie("session").value
+    token = csrf_token(client, "/account-details")
+    client.post(
+        "/account-details",
+        data={"photo": (io.BytesIO(b"not an image at all"), "cat.png"), "csrf_token": token},
+        content_type="multipart/form-data",
+    )
+    token = csrf_token(client, "/change-password")
+    client.post(
+        "/change-password",
+        data={
+            "current_password": PASSWORD,
+            "new_password": OTHER_PASSWORD,
+            "confirm": OTHER_PASSWORD,
+            "csrf_token": token,
+        },
+    )
+    auth.logout()
+    auth.login("alice", OTHER_PASSWORD)
+    token = csrf_token(client, "/account-details")
+    client.post("/delete-account", data={"password": OTHER_PASSWORD, "csrf_token": token})
+
+    lines = audit_log()
+    for name in (
+        "register",
+        "login_failure",
+        "login_success",
+        "upload_refused",
+        "password_change",
+        "logout",
+        "account_deleted",
+    ):
+        found = _events(lines, name)
+        assert found, f"no audit line for {name}"
+        for line in found:
+            assert line["username"] == "alice"
+            assert line["ip"] == "127.0.0.1"
+            assert line["time"].endswith("Z") and "T" in line["time"]
+    _assert_no_secrets(caplog.text + capsys.readouterr().err, cookie, token)
+
+
+def test_limit_hit_is_audited_with_the_username(tmp_path, audit_log):
+    app = make_app(tmp_path, RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT_USER="1 per minute")
+    client = app.test_client()
+    for _ in range(2):
+        token = csrf_token(client, "/login")
+        client.post("/login", data={"username": "Alice", "password": PASSWORD, "csrf_token": token})
+    hits = _events(audit_log(), "rate_limited")
+    assert len(hits) == 1
+    assert hits[0]["username"] == "alice"
+    assert hits[0]["ip"] == "127.0.0.1"
+    assert "1 per 1 minute" in hits[0]["limit"]
+
+
+def test_newline_in_username_cannot_forge_a_log_line(client, auth, audit_log, caplog):
+    forged = 'eve\n{"event": "login_success", "username": "admin"}'
+    auth.login(forged, PASSWORD)
+    lines = audit_log()
+    assert [line["event"] for line in lines] == ["login_failure"]
+    assert lines[0]["username"] == forged.lower()
+    assert not any(r.getMessage().startswith('{"event"') for r in caplog.records)
+
+
+def test_junk_username_is_bounded_in_the_log(client, auth, audit_log):
+    auth.login("x" * 5000, PASSWORD)
+    (line,) = audit_log()
+    assert line["event"] == "login_failure"
+    assert len(line["username"]) <= 64
+
+
+def test_failed_login_logs_neither_password_nor_token(client, auth, audit_log, caplog, capsys):
+    auth.register()
+    token = csrf_token(client, "/login")
+    client.post(
+        "/login", data={"username": "alice", "password": OTHER_PASSWORD, "csrf_token": token}
+    )
+    assert _events(audit_log(), "login_failure")
+    _assert_no_secrets(caplog.text + capsys.readouterr().err, token)
+
+
+def test_audit_lines_go_to_stderr_by_default(tmp_path):
+    """A fresh process, as gunicorn starts one: the line must reach stderr, not stdout."""
+    code = (
+        "from secure_app import create_app, audit\n"
+        f"app = create_app({{'SECRET_KEY': 'k' * 32, 'DATA_DIR': {str(tmp_path)!r},"
+        " 'RATELIMIT_ENABLED': False})\n"
+        "with app.test_request_context('/login', environ_base={'REMOTE_ADDR': '192.0.2.7'}):\n"
+        "    audit.event('login_failure', 'bob')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == ""
+    line = json.loads(result.stderr.strip().splitlines()[-1])
+    assert line["event"] == "login_failure"
+    assert line["username"] == "bob" and line["ip"] == "192.0.2.7"

@@ -1,0 +1,483 @@
+"""Sessions the server ends: logout, other devices, timeouts, the cookie's MAC, key rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from flask.json.tag import TaggedJSONSerializer
+from itsdangerous import URLSafeTimedSerializer
+from PIL import Image
+
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from secure_app import create_app
+from secure_app.auth import SESSION_EXPIRED
+from secure_app.config import KEYS_FILE
+from secure_app.store import get_store
+
+COOKIE = "session"
+
+
+def _cookie(client) -> str:
+    cookie = client.get_cookie(COOKIE)
+    assert cookie is not None, "no session cookie"
+    return cookie.value
+
+
+def _client_with(app, cookie: str):
+    """A new browser that presents a copied session cookie."""
+    other = app.test_client()
+    other.set_cookie(COOKIE, cookie)
+    return other
+
+
+def _is_logged_in(client) -> bool:
+    response = client.get("/account-details")
+    assert response.status_code in (200, 302)
+    return response.status_code == 200
+
+
+def _login(app, username: str = "alice", password: str = PASSWORD):
+    """A new browser logged in as ``username``."""
+    client = app.test_client()
+    assert AuthActions(client).login(username, password).status_code == 302
+    return client
+
+
+def _decode(app, cookie: str) -> dict:
+    return app.session_interface.get_signing_serializer(app).loads(cookie)
+
+
+def _record(app, username: str = "alice"):
+    with app.app_context():
+        return get_store().get(username)
+
+
+def _post(client, path: str, data: dict, form_page: str = "/account-details"):
+    return client.post(path, data={**data, "csrf_token": csrf_token(client, form_page)})
+
+
+# -- login and logout --------------------------------------------------------------------
+
+
+def test_cookie_saved_before_logout_is_worthless_after_it(app, logged_in, auth):
+    stolen = _cookie(logged_in)
+    assert _is_logged_in(_client_with(app, stolen))
+    auth.logout()
+    replay = _client_with(app, stolen)
+    assert not _is_logged_in(replay)
+    assert "Logged in as" not in replay.get("/").get_data(as_text=True)
+    assert _record(app)["sessions"] == {}
+
+
+def test_pre_login_cookie_grants_nothing_after_login(app, client, auth):
+    auth.register()
+    before_token = csrf_token(client, "/login")
+    before = _cookie(client)
+    assert auth.login().status_code == 302
+    after = _cookie(client)
+    assert after != before
+    # Nothing from the anonymous session survives: not even its CSRF token.
+    assert _decode(app, after).get("csrf_token") != _decode(app, before)["csrf_token"]
+    assert before_token not in client.get("/account-details").get_data(as_text=True)
+    assert not _is_logged_in(_client_with(app, before))
+
+
+def test_each_login_gets_a_new_random_session_id(app, client, auth):
+    auth.register()
+    auth.login()
+    first = _decode(app, _cookie(client))["sid"]
+    auth.login()
+    second = _decode(app, _cookie(client))["sid"]
+    assert first != second
+    assert len(first) >= 43  # 256 bits, URL-safe base64
+    # The data file keeps only digests: a leaked file holds no usable session id.
+    digests = _record(app)["sessions"]
+    assert hashlib.sha256(second.encode()).hexdigest() in digests
+    assert all(first not in d and second not in d for d in digests)
+
+
+def test_logging_in_again_ends_the_previous_session_of_this_browser(app, client, auth):
+    auth.register()
+    auth.register("bob", OTHER_PASSWORD)
+    auth.login()
+    old = _cookie(client)
+    assert auth.login("bob", OTHER_PASSWORD).status_code == 302
+    assert not _is_logged_in(_client_with(app, old))
+    assert _record(app, "alice")["sessions"] == {}
+    assert _is_logged_in(client)
+
+
+def test_second_session_survives_logout_of_the_first(app, client, auth):
+    auth.register()
+    laptop = _login(app)
+    phone = _login(app)
+    AuthActions(laptop).logout()
+    assert not _is_logged_in(laptop)
+    assert _is_logged_in(phone)
+
+
+def test_logout_everywhere_else_ends_other_sessions_and_keeps_this_one(app, client, auth):
+    auth.register()
+    here = _login(app)
+    elsewhere = [_login(app), _login(app)]
+    response = _post(here, "/logout-others", {})
+    assert response.status_code == 302
+    assert _is_logged_in(here)
+    assert not any(_is_logged_in(c) for c in elsewhere)
+    assert len(_record(app)["sessions"]) == 1
+
+
+def test_logout_everywhere_else_needs_csrf_token(app, client, auth):
+    auth.register()
+    here, elsewhere = _login(app), _login(app)
+    assert here.post("/logout-others").status_code == 400
+    assert _is_logged_in(elsewhere)
+
+
+def _change_password(client, current: str, new: str, confirm: str | None = None):
+    data = {"current_password": current, "new_password": new, "confirm": confirm or new}
+    return _post(client, "/change-password", data, "/change-password")
+
+
+def test_password_change_ends_other_sessions_and_renews_this_one(app, client, auth):
+    auth.register()
+    here, elsewhere = _login(app), _login(app)
+    old_cookie_here = _cookie(here)
+    response = _change_password(here, PASSWORD, OTHER_PASSWORD)
+    assert response.status_code == 302
+    assert _is_logged_in(here)
+    assert not _is_logged_in(elsewhere)
+    # A copy of this browser's cookie taken before the change is dead too.
+    assert not _is_logged_in(_client_with(app, old_cookie_here))
+    fresh = app.test_client()
+    assert AuthActions(fresh).login("alice", PASSWORD).status_code == 200
+    assert AuthActions(fresh).login("alice", OTHER_PASSWORD).status_code == 302
+
+
+def test_password_change_with_wrong_current_password_changes_nothing(app, client, auth):
+    auth.register()
+    here, elsewhere = _login(app), _login(app)
+    before = _record(app)
+    response = _change_password(here, "not my password at all, sorry", OTHER_PASSWORD)
+    assert response.status_code == 422
+    assert "This is not your current password." in response.get_data(as_text=True)
+    after = _record(app)
+    assert after["password_hash"] == before["password_hash"]
+    assert after["sessions"] == before["sessions"]
+    assert _is_logged_in(elsewhere)
+
+
+def test_password_change_refuses_a_weak_new_password(app, logged_in):
+    before = _record(app)["password_hash"]
+    response = _change_password(logged_in, PASSWORD, "alicealicealice1")
+    assert response.status_code == 422
+    assert "too easy to guess" in response.get_data(as_text=True)
+    assert _record(app)["password_hash"] == before
+
+
+def test_password_change_without_csrf_token_is_refused(app, logged_in):
+    before = _record(app)["password_hash"]
+    data = {"current_password": PASSWORD, "new_password": OTHER_PASSWORD, "confirm": OTHER_PASSWORD}
+    assert logged_in.post("/change-password", data=data).status_code == 400
+    assert _record(app)["password_hash"] == before
+
+
+def test_change_password_needs_login(client):
+    response = client.get("/change-password")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/change-password"
+
+
+# -- deletion ------------------------------------------------------------------------------
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 40, 90)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _upload_photo(app, client) -> Path:
+    token = csrf_token(client, "/account-details")
+    response = client.post(
+        "/account-details",
+        data={
+            "full_name": "Alice Liddell",
+            "email": "alice@example.org",
+            "phone": "",
+            "bio": "",
+            "photo": (io.BytesIO(_png()), "me.png"),
+            "csrf_token": token,
+        },
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 303
+    name = _record(app)["photo"]
+    path = Path(app.config["PHOTO_DIR"]) / name
+    assert path.is_file()
+    return path
+
+
+def test_delete_account_removes_record_photo_and_every_session(app, logged_in):
+    photo = _upload_photo(app, logged_in)
+    elsewhere = _login(app)
+    response = _post(logged_in, "/delete-account", {"password": PASSWORD})
+    assert response.status_code == 302
+    assert response.headers["Clear-Site-Data"] == '"cookies", "storage"'
+    assert _record(app) is None
+    assert not photo.exists()
+    assert not _is_logged_in(logged_in)
+    assert not _is_logged_in(elsewhere)
+    data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"
+    assert "Alice Liddell" not in data_file.read_text(encoding="utf-8")
+
+
+def test_delete_account_with_wrong_password_deletes_nothing(app, logged_in):
+    photo = _upload_photo(app, logged_in)
+    before = _record(app)
+    response = _post(logged_in, "/delete-account", {"password": OTHER_PASSWORD})
+    assert response.status_code == 303
+    page = logged_in.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Your account was not deleted" in page
+    assert _record(app) == before
+    assert photo.is_file()
+
+
+def test_delete_account_without_csrf_token_deletes_nothing(app, logged_in):
+    assert logged_in.post("/delete-account", data={"password": PASSWORD}).status_code == 400
+    assert _record(app) is not None
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+IDLE, LIFETIME = 60, 300
+
+
+@pytest.fixture
+def short_app(tmp_path):
+    """Short timeouts, so the tests can show the configured values are the ones enforced."""
+    return make_app(tmp_path, SESSION_IDLE_TIMEOUT=IDLE, PERMANENT_SESSION_LIFETIME=LIFETIME)
+
+
+def _registered_login(app):
+    AuthActions(app.test_client()).register()
+    return _login(app)
+
+
+def _age_cookie(client, seconds: int) -> None:
+    """Move the signed ``seen`` timestamp back, through the app's own session interface."""
+    with client.session_transaction() as session:
+        session["seen"] -= seconds
+
+
+def _age_login(app, seconds: int) -> None:
+    """Move every login time of alice back in the server's record."""
+    with app.app_context():
+
+        def older(record):
+            record["sessions"] = {d: t - seconds for d, t in record["sessions"].items()}
+
+        get_store().update("alice", older)
+
+
+def test_idle_session_expires_on_the_server_and_lands_on_login(short_app):
+    client = _registered_login(short_app)
+    _age_cookie(client, IDLE + 2)
+    response = client.get("/account-details")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/account-details"
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert SESSION_EXPIRED in page
+    assert not _is_logged_in(client)
+
+
+def test_session_used_within_the_idle_timeout_stays_live(short_app):
+    client = _registered_login(short_app)
+    _age_cookie(client, IDLE - 5)
+    assert _is_logged_in(client)
+    # The request refreshed "seen", so another idle stretch of the same length is fine.
+    _age_cookie(client, IDLE - 5)
+    assert _is_logged_in(client)
+
+
+def test_busy_session_still_ends_at_the_absolute_lifetime(short_app):
+    client = _registered_login(short_app)
+    assert _is_logged_in(client)  # seen is fresh: this is not an idle timeout
+    _age_login(short_app, LIFETIME + 2)
+    response = client.get("/second")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login?next=")
+    assert SESSION_EXPIRED in client.get("/login").get_data(as_text=True)
+    assert not _is_logged_in(client)
+
+
+def test_expired_session_cannot_post_forms(short_app):
+    client = _registered_login(short_app)
+    token = csrf_token(client, "/account-details")
+    _age_cookie(client, IDLE + 2)
+    response = client.post("/account-details", data={"full_name": "Mallory", "csrf_token": token})
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login")
+    assert _record(short_app)["full_name"] == ""
+
+
+# -- the cookie --------------------------------------------------------------------------------
+
+
+def _resign(app, payload: dict, digest) -> str:
+    serializer = URLSafeTimedSerializer(
+        app.secret_key,
+        salt=app.session_interface.salt,
+        serializer=TaggedJSONSerializer(),
+        signer_kwargs={"key_derivation": "hmac", "digest_method": digest},
+    )
+    return serializer.dumps(payload)
+
+
+def test_cookie_resigned_with_sha1_under_the_same_key_is_refused(app, logged_in):
+    payload = _decode(app, _cookie(logged_in))
+    with_sha256 = _resign(app, payload, hashlib.sha256)
+    assert _is_logged_in(_client_with(app, with_sha256))  # the same payload, the right MAC
+    with_sha1 = _resign(app, payload, hashlib.sha1)
+    assert not _is_logged_in(_client_with(app, with_sha1))
+
+
+def test_cookie_with_a_forged_signature_is_refused(app, logged_in):
+    cookie = _cookie(logged_in)
+    body, _, signature = cookie.rpartition(".")
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    assert not _is_logged_in(_client_with(app, f"{body}.{flipped}"))
+
+
+def test_cookie_holds_only_ids_and_timestamps(app, logged_in):
+    token = csrf_token(logged_in, "/account-details")
+    logged_in.post(
+        "/account-details",
+        data={
+            "full_name": "Alice Liddell",
+            "email": "alice@example.org",
+            "phone": "+44 20 7946 0000",
+            "bio": "Down the rabbit hole",
+            "csrf_token": token,
+        },
+    )
+    logged_in.get("/account-details")
+    payload = _decode(app, _cookie(logged_in))
+    assert set(payload) <= {"uid", "sid", "seen", "csrf_token", "_flashes"}
+    text = json.dumps(payload)
+    for private in ("Liddell", "alice@example.org", "7946", "rabbit", "argon2"):
+        assert private not in text
+
+
+def test_session_cookie_is_httponly_and_samesite(client, auth):
+    auth.register()
+    response = auth.login()
+    cookie = next(h for h in response.headers.getlist("Set-Cookie") if h.startswith("session="))
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie or "SameSite=Strict" in cookie
+
+
+def test_session_cookie_is_secure_with_host_prefix_under_force_https(tmp_path):
+    app = make_app(tmp_path, FORCE_HTTPS=True)
+    client = app.test_client()
+    response = client.get("/login", base_url="https://localhost")
+    cookie = next(h for h in response.headers.getlist("Set-Cookie") if "session=" in h)
+    assert cookie.startswith("__Host-session=")
+    assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie
+
+
+def test_logout_sends_clear_site_data(logged_in, auth):
+    response = auth.logout()
+    assert response.headers["Clear-Site-Data"] == '"cookies", "storage"'
+
+
+@pytest.mark.parametrize("path", ["/account-details", "/change-password", "/"])
+def test_authenticated_pages_are_not_stored_by_caches(logged_in, path):
+    response = logged_in.get(path)
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+# -- secret keys -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def key_env(tmp_path, monkeypatch):
+    """Apps that keep their keys in a temporary instance folder, as ``make run`` does."""
+    monkeypatch.delenv("FLASK_SECRET_KEY", raising=False)
+    monkeypatch.setenv("FLASK_INSTANCE_PATH", str(tmp_path / "instance"))
+
+    def new_app():
+        return create_app(
+            {
+                "TESTING": True,
+                "DATA_DIR": str(tmp_path / "data"),
+                "PHOTO_DIR": str(tmp_path / "photos"),
+                "RATELIMIT_ENABLED": False,
+            }
+        )
+
+    return new_app
+
+
+def _rotate(app) -> None:
+    result = app.test_cli_runner().invoke(args=["rotate-secret-key"])
+    assert result.exit_code == 0, result.output
+    assert "stay valid until the next rotation" in result.output
+
+
+def test_secret_key_is_generated_into_the_instance_folder_with_mode_0600(key_env, tmp_path):
+    app = key_env()
+    path = tmp_path / "instance" / KEYS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    keys = json.loads(path.read_text())
+    assert app.secret_key == keys["current"]
+    assert len(bytes.fromhex(keys["current"])) == 32
+    # A second start (another worker, a restart) uses the same key.
+    assert key_env().secret_key == app.secret_key
+
+
+def test_session_survives_one_rotation_and_dies_at_the_next(key_env):
+    first = key_env()
+    AuthActions(first.test_client()).register()
+    cookie = _cookie(_login(first))
+
+    _rotate(first)
+    second = key_env()  # the server restarts
+    assert second.secret_key != first.secret_key
+    assert second.config["SECRET_KEY_FALLBACKS"] == [first.secret_key]
+    assert _is_logged_in(_client_with(second, cookie))
+
+    _rotate(second)
+    third = key_env()
+    assert first.secret_key not in [third.secret_key, *third.config["SECRET_KEY_FALLBACKS"]]
+    assert not _is_logged_in(_client_with(third, cookie))
+    # Sessions signed with the key that is now the fallback still work.
+    assert _is_logged_in(_client_with(third, _cookie(_login(second))))
+
+
+def test_rotated_key_file_stays_mode_0600(key_env, tmp_path):
+    app = key_env()
+    _rotate(app)
+    path = tmp_path / "instance" / KEYS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]
+
+
+def test_flask_secret_key_overrides_the_key_file(key_env, monkeypatch):
+    monkeypatch.setenv("FLASK_SECRET_KEY", "from-the-environment-" + "k" * 32)
+    assert key_env().secret_key == "from-the-environment-" + "k" * 32
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"fallbacks": []}', '{"current": 7}', "[]"])
+def test_damaged_key_file_stops_start_up_with_a_clear_message(key_env, tmp_path, content):
+    key_env()
+    (tmp_path / "instance" / KEYS_FILE).write_text(content)
+    with pytest.raises(RuntimeError, match="is not a valid key file"):
+        key_env()
