@@ -47,7 +47,10 @@ def details() -> Any:
                 audit.event("upload_refused", user["username"], reason=str(refused))
                 form.photo.errors = [str(refused)]
         if not form.photo.errors:
-            _save(user["username"], {f: form[f].data or "" for f in PROFILE_FIELDS}, image)
+            try:
+                _save(user["username"], {f: form[f].data or "" for f in PROFILE_FIELDS}, image)
+            except KeyError:  # the account was deleted from another session meanwhile
+                return redirect(url_for("auth.login"), 303)
             flash("Your details have been saved.", "success")
             return redirect(url_for("account.details"), 303)
     status = 422 if form.errors else 200
@@ -101,6 +104,8 @@ def photo(name: str) -> Response:
     """Serve a stored photo. Only names the server makes can match; others are 404."""
     if not uploads.NAME_RE.match(name):
         abort(404)
-    return send_from_directory(
-        _photo_dir(), name, mimetype=uploads.MIMETYPE, max_age=365 * 24 * 3600
-    )
+    response = send_from_directory(_photo_dir(), name, mimetype=uploads.MIMETYPE)
+    # Revalidate every time (a cheap 304): a removed photo must not live on in caches.
+    response.cache_control.no_cache = True
+    response.cache_control.private = True
+    return response

@@ -9,6 +9,7 @@ a polyglot survives.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -36,6 +37,10 @@ MIMETYPE = "image/webp"
 NAME_RE = re.compile(r"[0-9a-f]{32}\.webp\Z")
 
 _UNREADABLE = "This file is not a JPEG, PNG or WebP image that can be read completely."
+_TOO_LARGE = (
+    f"The photo is too large: at most {MAX_SIDE:,} pixels a side "
+    f"and {MAX_PIXELS // 1_000_000} megapixels."
+)
 
 
 class UploadRefused(ValueError):
@@ -50,12 +55,55 @@ def read_limited(stream: IO[bytes], limit: int = MAX_BYTES) -> bytes:
     return data
 
 
+# In entropy-coded JPEG data a 0xFF is followed by 0x00 (stuffing), a restart
+# marker (0xD0-0xD7) or another 0xFF (fill): anything else is a real marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _png_end(data: bytes) -> int | None:
+    """Offset just past the IEND chunk, walking the chunks by their lengths."""
+    pos = 8  # after the signature
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            return pos
+    return None
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Offset just past the EOI marker of the first image, walking the segments."""
+    pos = 2  # after SOI
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return pos + 2
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 1 if marker == 0xFF else 2  # fill byte or a marker without length
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: the entropy-coded data runs to the next marker
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    return None
+
+
 def _has_trailing_data(fmt: str, data: bytes) -> bool:
-    """True when bytes follow the image's own end: the mark of a polyglot file."""
+    """True when bytes follow the image's own end: the mark of a polyglot file.
+
+    The end is found by walking the container's structure, not by looking at
+    the last bytes, so HTML or a ZIP appended after a valid image is caught
+    even when the attacker ends it with the format's end marker.
+    """
     if fmt == "PNG":
-        return not data.endswith(b"IEND\xaeB`\x82")
+        return _png_end(data) != len(data)
     if fmt == "JPEG":
-        return not data.endswith(b"\xff\xd9")
+        return _jpeg_end(data) != len(data)
     # WebP is a RIFF file whose header states its own length.
     return int.from_bytes(data[4:8], "little") + 8 != len(data)
 
@@ -70,10 +118,7 @@ def reencode(data: bytes) -> bytes:
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
             width, height = img.size  # from the header: nothing decoded yet
             if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-                raise UploadRefused(
-                    f"The photo is too large: at most {MAX_SIDE:,} pixels a side "
-                    f"and {MAX_PIXELS // 1_000_000} megapixels."
-                )
+                raise UploadRefused(_TOO_LARGE)
             if img.format not in ALLOWED_FORMATS or _has_trailing_data(img.format, data):
                 raise UploadRefused(_UNREADABLE)
             # JPEG can decode at 1/2..1/8 scale: less memory and time, same checks.
@@ -93,6 +138,9 @@ def reencode(data: bytes) -> bytes:
             return out.getvalue()
     except UploadRefused:
         raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard fires inside open() for headers past ~179 megapixels.
+        raise UploadRefused(_TOO_LARGE) from exc
     except Exception as exc:
         # Pillow reports bad input through many exception types (OSError,
         # SyntaxError, ValueError, struct.error, DecompressionBombError...);
@@ -101,10 +149,15 @@ def reencode(data: bytes) -> bytes:
 
 
 def save(image: bytes, folder: str | os.PathLike[str]) -> str:
-    """Write ``image`` under a new random name in ``folder`` and return the name."""
+    """Write ``image`` under a new random name in ``folder`` and return the name.
+
+    The bytes go to a temporary file in the same folder and are renamed into
+    place, so a reader never sees half a photo; on any failure nothing is left.
+    """
     folder = Path(folder)
     name = secrets.token_hex(16) + EXTENSION  # 128 bits: not guessable, never client-made
-    tmp = None
+    tmp: str | None = None
+    placed = False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".tmp")
@@ -114,16 +167,19 @@ def save(image: bytes, folder: str | os.PathLike[str]) -> str:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, folder / name)
-        tmp = None
+        placed = True
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        (folder / name).unlink(missing_ok=True)
+        # Clean up without letting a second error hide the first one.
+        with contextlib.suppress(OSError):
+            if placed:
+                (folder / name).unlink()
+            elif tmp is not None:
+                os.unlink(tmp)
         raise StoreError(f"cannot save the photo: {exc.strerror}") from exc
     return name
 

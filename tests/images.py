@@ -1,0 +1,199 @@
+"""A small factory of real image bytes for the upload tests, hostile ones included.
+
+Every image is made by Pillow (or, for bombs, by writing only a header), so
+the tests exercise the real decoders. ``SECRET`` is planted in every kind of
+metadata: if it ever appears in a stored photo, metadata leaked.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+
+from PIL import Image
+
+SECRET = b"SECRET-METADATA-48.8584N-2.2945E"
+XMP = (
+    b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    b'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:creator>' + SECRET + b"</dc:creator>"
+    b'</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+)
+HTML = b"<html><body><script>alert(document.cookie)</script></body></html>"
+SVG = (
+    b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+    b"<script>alert(1)</script></svg>"
+)
+
+# EXIF orientation 6 means "rotate 90 degrees clockwise to display": a 40x20
+# image stored that way is shown 20 wide and 40 high.
+ROTATE_90_CW = 6
+
+
+def picture(size: tuple[int, int] = (40, 20), mode: str = "RGB") -> Image.Image:
+    """Return an image whose left half is red and right half blue, so rotation is visible."""
+    img = Image.new("RGB", size, (255, 0, 0))
+    img.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    return img.convert(mode)
+
+
+def exif(orientation: int | None = None, gps: bool = True) -> Image.Exif:
+    """EXIF with the secret as artist and description, GPS coordinates, and an orientation."""
+    data = Image.Exif()
+    data[0x013B] = SECRET.decode()  # Artist
+    data[0x010E] = SECRET.decode()  # ImageDescription
+    if orientation is not None:
+        data[0x0112] = orientation
+    if gps:
+        data[0x8825] = {  # the GPS IFD: latitude and longitude of the Eiffel Tower
+            1: "N",
+            2: (48.0, 51.0, 30.0),
+            3: "E",
+            4: (2.0, 17.0, 40.0),
+        }
+    return data
+
+
+def _icc() -> bytes:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return profile.tobytes()
+
+
+def jpeg(
+    size: tuple[int, int] = (40, 20),
+    *,
+    metadata: bool = False,
+    orientation: int | None = None,
+    progressive: bool = False,
+) -> bytes:
+    """A real JPEG; with ``metadata`` it carries EXIF+GPS, XMP, ICC and a comment."""
+    out = io.BytesIO()
+    extra: dict = {"quality": 90, "progressive": progressive}
+    if metadata or orientation is not None:
+        extra["exif"] = exif(orientation, gps=metadata).tobytes()
+    if metadata:
+        extra.update(xmp=XMP, icc_profile=_icc(), comment=SECRET)
+    picture(size).save(out, "JPEG", **extra)
+    return out.getvalue()
+
+
+def png(
+    size: tuple[int, int] = (40, 20),
+    *,
+    mode: str = "RGB",
+    metadata: bool = False,
+    orientation: int | None = None,
+) -> bytes:
+    """A real PNG; with ``metadata`` it carries tEXt/iTXt/zTXt chunks, eXIf, XMP and ICC."""
+    from PIL import PngImagePlugin
+
+    out = io.BytesIO()
+    extra: dict = {}
+    if metadata or orientation is not None:
+        extra["exif"] = exif(orientation, gps=metadata).tobytes()
+    if metadata:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", SECRET.decode())
+        info.add_text("Author", SECRET.decode(), zip=True)
+        info.add_itxt("Description", SECRET.decode(), lang="en")
+        info.add_itxt("XML:com.adobe.xmp", XMP.decode())
+        extra.update(pnginfo=info, icc_profile=_icc())
+    picture(size, mode).save(out, "PNG", **extra)
+    return out.getvalue()
+
+
+def webp(
+    size: tuple[int, int] = (40, 20),
+    *,
+    metadata: bool = False,
+    lossless: bool = False,
+    mode: str = "RGB",
+) -> bytes:
+    """A real WebP; with ``metadata`` it carries EXIF+GPS, XMP and ICC chunks."""
+    out = io.BytesIO()
+    extra: dict = {"lossless": lossless}
+    if metadata:
+        extra.update(exif=exif().tobytes(), xmp=XMP, icc_profile=_icc())
+    picture(size, mode).save(out, "WEBP", **extra)
+    return out.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height``: only the header is real."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    # One row of real pixels, compressed: a decoder that trusts the header
+    # would allocate width*height*3 bytes before noticing the rest is missing.
+    idat = zlib.compress(b"\x00" + b"\x00" * min(width, 4096) * 3, 9)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def jpeg_bomb(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is patched to claim ``width`` x ``height``."""
+    data = bytearray(jpeg((16, 16)))
+    sof = data.index(b"\xff\xc0")
+    # SOF0: marker(2) length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def webp_bomb(width: int, height: int) -> bytes:
+    """A small real lossy WebP whose VP8 frame header is patched to claim ``width`` x ``height``."""
+    data = bytearray(webp((16, 16)))
+    start = data.index(b"\x9d\x01\x2a")  # the VP8 key frame start code
+    # 14 bits of size and 2 bits of upscaling hint each, little-endian (at most 16383).
+    data[start + 3 : start + 7] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def truncated(data: bytes, keep: float = 0.6) -> bytes:
+    """The first ``keep`` fraction of ``data``, as a broken upload or a cut-off file."""
+    return data[: max(1, int(len(data) * keep))]
+
+
+def zip_archive() -> bytes:
+    """A real ZIP holding an HTML page."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("index.html", HTML)
+    return out.getvalue()
+
+
+def polyglot_html(image: bytes) -> bytes:
+    """A valid image followed by an HTML page."""
+    return image + HTML
+
+
+def polyglot_zip(image: bytes) -> bytes:
+    """A valid image followed by a ZIP archive (readable by unzip from the end)."""
+    return image + zip_archive()
+
+
+def polyglot_jpeg_disguised(image: bytes) -> bytes:
+    """A JPEG + HTML that ends in a JPEG end marker again, to fool a check of the last bytes."""
+    return image + HTML + b"\xff\xd9"
+
+
+def webp_chunks(data: bytes) -> list[bytes]:
+    """The chunk types of a RIFF/WebP file, in order."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP", data[:16]
+    kinds, pos = [], 12
+    while pos + 8 <= len(data):
+        kind = data[pos : pos + 4]
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        kinds.append(kind)
+        pos += 8 + length + (length & 1)
+    return kinds
