@@ -18,6 +18,7 @@ PAGES = (400, 403, 404, 405, 413, 429, 500, 503)
 
 
 def init_app(app: Flask) -> None:
+    """Route every HTTP error, CSRF refusal, store failure and crash to a page in the layout."""
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(StoreError, _store_error)

@@ -6,14 +6,18 @@ trusting a raw ``X-Forwarded-Proto`` header, which any client can send, so
 the redirect and HSTS below use only ``request.is_secure`` (which ProxyFix
 sets from exactly ``PROXY_HOPS`` trusted proxies); and it has no
 cross-origin isolation headers.
+
+The https redirect keeps the host, path and query and goes to port
+``HTTPS_PORT`` (``FLASK_HTTPS_PORT``, default 443: no port in the URL), for a
+site whose TLS listener is not on the standard port.
 """
 
 from __future__ import annotations
 
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from flask import Flask, Response, current_app, g, redirect, request, session
+from flask import Flask, Response, abort, current_app, g, redirect, request, session
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_talisman import Talisman
@@ -44,7 +48,6 @@ PERMISSIONS_POLICY = {
     for feature in (
         "accelerometer",
         "autoplay",
-        "bluetooth",
         "browsing-topics",
         "camera",
         "display-capture",
@@ -64,6 +67,8 @@ PERMISSIONS_POLICY = {
     )
 }
 HSTS = "max-age=31536000; includeSubDomains"
+# The only form that carries a file; every other body is held to MAX_FORM_MEMORY_SIZE.
+UPLOAD_ENDPOINTS = frozenset({"account.details"})
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -72,13 +77,18 @@ ISOLATION_HEADERS = {
 
 
 def init_app(app: Flask) -> None:
-    """Install the perimeter on ``app``. Order matters: https first, then CSRF, then limits."""
+    """Install the perimeter on ``app``. Order matters: https first, then body limits, then CSRF."""
     hops = int(app.config["PROXY_HOPS"])
     if hops > 0:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
         )
     app.before_request(_require_https)
+    app.before_request(_limit_body)
+    # after_request functions run in reverse order of registration: registered
+    # before Talisman, _add_headers runs after it, so the photo CSP replaces
+    # Talisman's page CSP instead of being overwritten by it.
+    app.after_request(_add_headers)
     csrf.init_app(app)
     talisman.init_app(
         app,
@@ -92,20 +102,47 @@ def init_app(app: Flask) -> None:
         permissions_policy=PERMISSIONS_POLICY,
         x_content_type_options=True,
     )
-    app.after_request(_add_headers)
     limiter.init_app(app)
     _check_limiter_storage(app)
 
 
+def _https_url() -> str:
+    """This request's URL on the https site: same host, path and query; port ``HTTPS_PORT``."""
+    parts = urlsplit(request.url)
+    host = parts.hostname
+    if not host:  # Werkzeug leaves out a malformed Host header: there is nowhere to send
+        abort(400)
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    port = int(current_app.config.get("HTTPS_PORT") or 443)
+    netloc = host if port == 443 else f"{host}:{port}"
+    return urlunsplit(("https", netloc, parts.path, parts.query, ""))
+
+
 def _require_https() -> Response | None:
+    # request.is_secure is the server's own scheme, or X-Forwarded-Proto only
+    # from the PROXY_HOPS proxies that ProxyFix trusts: a client cannot fake it.
     if current_app.config["FORCE_HTTPS"] and not request.is_secure:
-        url = request.url.replace("http://", "https://", 1)
         # 308 keeps the method and body; browsers only send GET here in practice.
-        return redirect(url, 301 if request.method in ("GET", "HEAD") else 308)
+        return redirect(_https_url(), 301 if request.method in ("GET", "HEAD") else 308)
     return None
 
 
+def _limit_body() -> None:
+    """Only the upload form may send megabytes; every other request gets the text-form limit.
+
+    Werkzeug applies ``MAX_FORM_MEMORY_SIZE`` to each text part of a multipart
+    body but reads an urlencoded body into memory whole, bounded only by
+    ``MAX_CONTENT_LENGTH``. A form without a file is all text, so its whole
+    body gets the text limit (a request over it is refused with 413).
+    """
+    limits = (current_app.config["MAX_FORM_MEMORY_SIZE"], current_app.config["MAX_CONTENT_LENGTH"])
+    if request.endpoint not in UPLOAD_ENDPOINTS:
+        request.max_content_length = min((n for n in limits if n is not None), default=None)
+
+
 def _add_headers(response: Response) -> Response:
+    """Add what Talisman does not: cross-origin isolation, HSTS, the photo CSP, no-store."""
     headers = response.headers
     headers.update(ISOLATION_HEADERS)
     if current_app.config["FORCE_HTTPS"] and request.is_secure:
