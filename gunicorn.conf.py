@@ -2,7 +2,10 @@
 
 The rate limiter's default ``memory://`` storage counts inside one process,
 so the default is one worker process with threads. Set ``WEB_CONCURRENCY``
-above 1 only together with ``FLASK_RATELIMIT_STORAGE_URI=redis://...``.
+above 1 only together with ``FLASK_RATELIMIT_STORAGE_URI=redis://...``; one
+worker per CPU is the measured choice there (bench/http.py, BENCHMARKS.md):
+
+    WEB_CONCURRENCY=2 FLASK_RATELIMIT_STORAGE_URI=redis://127.0.0.1:6379 make run
 """
 
 import os
@@ -12,8 +15,18 @@ wsgi_app = "secure_app.wsgi:app"
 bind = [f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 worker_class = "gthread"
+# Threads, measured with bench-style wrk runs (wrk -t1 -c16, 3 alternating rounds
+# of 3 s, one worker, 2 CPUs, a busy host), requests/s on /second | /account-details:
+#   1: 351 | 114    2: 768 | 193    4: 744 | 202    8: 1021 | 337    16: 1003 | 427
+# One process holds the GIL, so past 8 threads only waiting requests gain
+# (fsync, Argon2id and Pillow release the GIL). The bound is memory: each thread
+# may hold one Argon2id hash (19 MiB) or one 50-megapixel photo being decoded
+# (~150 MiB, 1.6 s of CPU at the limit), so 8 threads cap that at ~1.2 GiB.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# The slowest legitimate request is a maximal photo (~1.6 s); the gthread worker
+# beats its heartbeat from its own loop, so 30 s only catches a wedged process.
 timeout = 30
+# Lets an in-flight upload or login finish on a restart.
 graceful_timeout = 10
 keepalive = 5
 # Bound what one request may hold open (slowloris-style header floods).

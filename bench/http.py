@@ -1,0 +1,331 @@
+"""What the security costs over HTTP: secure_app against a bare Flask app, under wrk.
+
+One run prints one table. The contenders are served by gunicorn with the real
+``gunicorn.conf.py`` and measured in alternating rounds (the order reversed
+every other round, so a drift of the machine hits them all alike); each figure
+is the median over the rounds:
+
+* bare ``/second`` against secure_app's ``/second`` (anonymous);
+* bare account page (a fixed record) against secure_app's authenticated
+  ``/account-details`` (logged in once through the real form);
+* both in the default configuration (one worker, threads) and with several
+  workers sharing a Redis rate-limit storage;
+* one ``POST /login`` against one bare Argon2id verify at the configured cost.
+
+The rate limits are off (``FLASK_RATELIMIT_ENABLED=false``): the load comes
+from one address and would be refused otherwise, and the limiter is on the
+login and registration routes only. Needs ``wrk`` (``apt-get install wrk``)
+and, for the several-workers rows, ``redis-server`` (``apt-get install
+redis-server``).
+
+    .venv/bin/python bench/http.py [--rounds 5] [--seconds 4] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# This file is called http.py: keep its folder from shadowing the standard library's http.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import requests  # noqa: E402
+from argon2 import PasswordHasher, Type  # noqa: E402
+
+from bench.bare_app import FAKE_CSRF, PROFILE_FIELDS, RECORD  # noqa: E402
+from secure_app.passwords import ARGON2_DEFAULTS  # noqa: E402
+from tests.servers import Gunicorn, Redis, redis_server_path  # noqa: E402
+
+USERNAME = RECORD["username"]
+PASSWORD = "quartz lantern drifts over seven quiet hills"
+CSRF_RE = re.compile(r'name="csrf_token"(?: type="hidden")? value="([^"]+)"')
+BENCH_ENV = {"FLASK_RATELIMIT_ENABLED": "false"}
+
+# wrk keeps each connection's session cookie up to date from Set-Cookie, as a
+# browser does; a frozen cookie would make the server re-sign it on every request.
+WRK_SCRIPT = """
+local cookie = nil
+init = function(args)
+  if args[1] and #args[1] > 0 then cookie = args[1] end
+end
+request = function()
+  if cookie then wrk.headers["Cookie"] = cookie end
+  return wrk.format()
+end
+response = function(status, headers, body)
+  local c = headers["Set-Cookie"]
+  if c then cookie = c:match("^[^;]+") end
+end
+"""
+
+
+@dataclass
+class Run:
+    rps: float
+    p50: float  # milliseconds
+    p99: float
+    bad: int  # non-2xx/3xx responses and socket errors
+    requests: int
+    cpu_us: float = 0.0  # server CPU time (all gunicorn processes) per request
+
+
+@dataclass
+class Contender:
+    label: str
+    url: str
+    cookie: str = ""
+    server: Gunicorn | None = None
+    runs: list[Run] = field(default_factory=list)
+
+    def measure(self, seconds: int, connections: int, script: Path) -> Run:
+        """One wrk run, with the server's CPU time per request."""
+        before = server_cpu(self.server) if self.server else 0.0
+        run = wrk(self.url, seconds, connections, script, self.cookie)
+        if self.server:
+            run.cpu_us = (server_cpu(self.server) - before) / max(run.requests, 1) * 1e6
+        return run
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in self.runs)
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: Gunicorn) -> float:
+    """CPU seconds used so far by a gunicorn master and its workers.
+
+    Unlike requests per second, this hardly moves when other programs share
+    the machine, so it shows what a request costs even on a busy host.
+    """
+    assert server.proc is not None
+    master = server.proc.pid
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == master or ppid == master:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def wrk(
+    url: str, seconds: float, connections: int, script: Path, cookie: str = "", threads: int = 1
+) -> Run:
+    """Run wrk once and return its throughput, latency percentiles and failures."""
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--latency"]
+        + ["-s", str(script), url, "--", cookie],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    requests_done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        bad += sum(int(n) for n in errors.groups())
+    return Run(rps, p50, p99, bad, requests_done)
+
+
+def csrf_of(page: str) -> str:
+    match = CSRF_RE.search(page)
+    if not match:
+        raise SystemExit("no csrf_token on the page: the templates changed, update the bench")
+    return match.group(1)
+
+
+def log_in(base: str) -> requests.Session:
+    """Register the bench user, log in through the real form and save the bare app's record."""
+    s = requests.Session()
+    token = csrf_of(s.get(base + "/register").text)
+    form = {"username": USERNAME, "password": PASSWORD, "confirm": PASSWORD, "csrf_token": token}
+    s.post(base + "/register", data=form, allow_redirects=False).raise_for_status()
+    token = csrf_of(s.get(base + "/login").text)
+    form = {"username": USERNAME, "password": PASSWORD, "csrf_token": token}
+    r = s.post(base + "/login", data=form, allow_redirects=False)
+    if r.status_code != 302:
+        raise SystemExit(f"bench login failed with {r.status_code}")
+    token = csrf_of(s.get(base + "/account-details").text)
+    details = {f: RECORD[f] for f in PROFILE_FIELDS}
+    r = s.post(base + "/account-details", data={**details, "csrf_token": token})
+    if r.status_code != 200 or "Your details have been saved." not in r.text:
+        raise SystemExit(f"bench could not save its record ({r.status_code})")
+    # This cookie now holds the CSRF token and no flash message: what a browser sends.
+    return s
+
+
+def same_html(secure: str, bare: str) -> bool:
+    """True when the pages differ only in their CSRF token values."""
+
+    def norm(page: str) -> str:
+        return CSRF_RE.sub('name="csrf_token" value=""', page).replace(FAKE_CSRF, "")
+
+    return norm(secure) == norm(bare)
+
+
+def login_cost(base: str, rounds: int) -> tuple[float, float]:
+    """Median seconds of one POST /login (server idle otherwise) and of one bare verify."""
+    hasher = PasswordHasher(
+        time_cost=ARGON2_DEFAULTS["ARGON2_TIME_COST"],
+        memory_cost=ARGON2_DEFAULTS["ARGON2_MEMORY_COST"],
+        parallelism=ARGON2_DEFAULTS["ARGON2_PARALLELISM"],
+        type=Type.ID,
+    )
+    stored = hasher.hash(PASSWORD)
+    s = requests.Session()
+    logins, verifies = [], []
+    for _ in range(rounds):
+        token = csrf_of(s.get(base + "/login").text)
+        form = {"username": USERNAME, "password": PASSWORD, "csrf_token": token}
+        start = time.perf_counter()
+        r = s.post(base + "/login", data=form, allow_redirects=False)
+        logins.append(time.perf_counter() - start)
+        if r.status_code != 302:
+            raise SystemExit(f"login in the login-cost row failed with {r.status_code}")
+        start = time.perf_counter()
+        hasher.verify(stored, PASSWORD)
+        verifies.append(time.perf_counter() - start)
+    return statistics.median(logins), statistics.median(verifies)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--login-rounds", type=int, default=15)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    with_redis = redis_server_path() is not None
+    if not with_redis:
+        print("redis-server is not installed (apt-get install redis-server): one worker only")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    script = tmp / "cookie.lua"
+    script.write_text(WRK_SCRIPT)
+    bare_args = ["bench.bare_app:app"]
+    contenders: list[tuple[str, Contender, Contender]] = []  # (config, bare, secure)
+    with ExitStack() as stack:
+        configs = [("1 worker", 1, {})]
+        if with_redis:
+            redis = stack.enter_context(Redis(tmp / "redis"))
+            configs.append(
+                (
+                    f"{args.workers} workers+Redis",
+                    args.workers,
+                    {"FLASK_RATELIMIT_STORAGE_URI": redis.uri},
+                )
+            )
+        login_url = ""
+        for name, workers, extra in configs:
+            bare = stack.enter_context(
+                Gunicorn(tmp / f"bare{workers}", env=BENCH_ENV, args=bare_args, workers=workers)
+            )
+            secure = stack.enter_context(
+                Gunicorn(tmp / f"secure{workers}", env={**BENCH_ENV, **extra}, workers=workers)
+            )
+            session = log_in(secure.url)
+            cookie = "session=" + session.cookies["session"]
+            login_url = login_url or secure.url
+            for page, bare_path, secure_path, anon in (
+                ("/second", "/second", "/second", True),
+                ("account", "/account-details", "/account-details", False),
+            ):
+                b_page = requests.get(bare.url + bare_path).text
+                s_page = (requests if anon else session).get(secure.url + secure_path).text
+                if not same_html(s_page, b_page):
+                    print(f"warning: {page} HTML differs between bare and secure_app")
+                contenders.append(
+                    (
+                        f"{page}, {name}",
+                        Contender("bare", bare.url + bare_path, server=bare),
+                        Contender(
+                            "secure", secure.url + secure_path, "" if anon else cookie, secure
+                        ),
+                    )
+                )
+
+        every = [c for _, b, s in contenders for c in (b, s)]
+        for c in every:  # warm-up: imports, template compilation, caches
+            wrk(c.url, 1, args.connections, script, c.cookie)
+        for i in range(args.rounds):
+            for c in every if i % 2 == 0 else reversed(every):
+                c.runs.append(c.measure(args.seconds, args.connections, script))
+        login, verify = login_cost(login_url, args.login_rounds)
+
+    print_table(contenders, args, login, verify)
+    bad = sum(r.bad for c in every for r in c.runs)
+    if bad:
+        print(f"FAILED: {bad} responses were errors or not 2xx/3xx")
+        return 1
+    return 0
+
+
+def print_table(contenders, args, login: float, verify: float) -> None:
+    print(
+        f"\nwrk -t1 -c{args.connections}, {args.rounds} alternating rounds of "
+        f"{args.seconds:g} s, medians; {os.cpu_count()} CPUs\n"
+    )
+    head = (
+        f"{'page, configuration':<28} {'app':<7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'CPU us':>7} {'ratio':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, bare, secure in contenders:
+        ratio = secure.median("rps") / bare.median("rps")
+        target = 0.85 if label.startswith("/second") else 0.75
+        verdict = f"{ratio:6.2f} {'ok' if ratio >= target else 'MISS'}"
+        for c, extra in ((bare, ""), (secure, verdict)):
+            print(
+                f"{label:<28} {c.label:<7} {c.median('rps'):7.0f} {c.median('p50'):7.2f} "
+                f"{c.median('p99'):7.2f} {c.median('cpu_us'):7.0f} {extra}"
+            )
+    ratio = login / verify
+    print(
+        "\nratio: secure_app / bare requests per second, same configuration "
+        "(targets: /second >= 0.85, account >= 0.75);\n"
+        "CPU us: CPU time of the gunicorn processes per request, which hardly moves "
+        "when other\nprograms share the machine."
+    )
+    print(
+        f"\nlogin cost, median of {args.login_rounds}: one POST /login {login * 1000:.1f} ms, "
+        f"one bare Argon2id verify {verify * 1000:.1f} ms ({ARGON2_DEFAULTS}): "
+        f"ratio {ratio:.2f} {'ok' if ratio <= 1.2 else 'MISS'} (target <= 1.2)"
+    )
+    print(f"load average during the run: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
