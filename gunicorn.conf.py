@@ -34,6 +34,10 @@ limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
 accesslog = "-"
+# gunicorn 27's control socket defaults to one shared path in $HOME: two
+# servers on one machine (tests, benchmarks) would fight over it, and the
+# site does not use it.
+control_socket_disable = True
 errorlog = "-"
 # The app's audit lines go to stderr as JSON; keep gunicorn's own on the same stream.
 capture_output = False

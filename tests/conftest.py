@@ -10,9 +10,13 @@ from hypothesis import HealthCheck, settings
 
 from helpers import AuthActions, make_app
 
+# ci: quick and the same examples on every run, so a red CI run is a real
+# regression, not a new random draw; thorough: random and many more examples,
+# for looking for new bugs (HYPOTHESIS_PROFILE=thorough make test).
 settings.register_profile(
     "ci",
     max_examples=40,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
