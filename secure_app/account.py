@@ -59,7 +59,8 @@ def details() -> Any:
         form=form,
         user=user,
         session_count=sessions.count(user),
-        delete_form=DeleteAccountForm(formdata=None),
+        # Only rendered here: its token is the page's csrf_token(), checked on POST.
+        delete_form=DeleteAccountForm(formdata=None, meta={"csrf": False}),
     ), status
 
 

@@ -99,18 +99,30 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def _begin_session(username: str) -> None:
-    """Start a fresh session for ``username`` (prevents session fixation)."""
-    if g.user is not None:
-        # Logging in again in this browser ends its previous session on the
-        # server too: a copy of the old cookie must not outlive it.
-        old_sid = session.get("sid", "")
-        get_store().update(g.user["username"], lambda r: sessions.end(r, old_sid))
+def _begin_session(username: str, new_hash: str | None = None) -> None:
+    """Start a fresh session for ``username`` (prevents session fixation).
+
+    Logging in again in this browser ends its previous session on the server
+    too: a copy of the old cookie must not outlive it. For the same user that,
+    the new session and an upgraded hash are one store write.
+    """
+    old_user = g.user["username"] if g.user is not None else None
+    old_sid = session.get("sid", "")
+    if old_user is not None and old_user != username:
+        get_store().update(old_user, lambda r: sessions.end(r, old_sid))
     session.clear()
     now = int(time.time())
     lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
     sid_box: list[str] = []
-    get_store().update(username, lambda r: sid_box.append(sessions.start(r, now, lifetime)))
+
+    def change(record: dict[str, Any]) -> None:
+        if old_user == username:
+            sessions.end(record, old_sid)
+        if new_hash is not None:
+            record["password_hash"] = new_hash
+        sid_box.append(sessions.start(record, now, lifetime))
+
+    get_store().update(username, change)
     session["uid"] = username
     session["sid"] = sid_box[0]
     session["seen"] = now
@@ -163,10 +175,10 @@ def login() -> Any:
         record = get_store().get(username)
         password = form.password.data
         if passwords.verify_password(record["password_hash"] if record else None, password):
+            new_hash = None
             if passwords.needs_rehash(record["password_hash"]):
                 new_hash = passwords.hash_password(password)
-                get_store().update(username, lambda r: r.update(password_hash=new_hash))
-            _begin_session(username)
+            _begin_session(username, new_hash)
             audit.event("login_success", username)
             return redirect(target or url_for("account.details"))
         g.login_failed = True

@@ -109,6 +109,7 @@ ISOLATION_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
     "Cross-Origin-Embedder-Policy": "require-corp",
 }
+_PAGE_HEADERS = [*ISOLATION_HEADERS.items(), ("Cache-Control", "no-store")]
 
 
 def init_app(app: Flask) -> None:
@@ -171,25 +172,29 @@ def _limit_body() -> None:
     ``MAX_CONTENT_LENGTH``. A form without a file is all text, so its whole
     body gets the text limit (a request over it is refused with 413).
     """
+    if request.method in ("GET", "HEAD") or request.endpoint in UPLOAD_ENDPOINTS:
+        return  # nothing reads a GET body
     limits = (current_app.config["MAX_FORM_MEMORY_SIZE"], current_app.config["MAX_CONTENT_LENGTH"])
-    if request.endpoint not in UPLOAD_ENDPOINTS:
-        request.max_content_length = min((n for n in limits if n is not None), default=None)
+    request.max_content_length = min((n for n in limits if n is not None), default=None)
 
 
 def _add_headers(response: Response) -> Response:
     """Add what Talisman does not: cross-origin isolation, HSTS, the photo CSP, no-store."""
     headers = response.headers
-    headers.extend(ISOLATION_HEADERS)
-    if current_app.config["FORCE_HTTPS"] and request.is_secure:
-        headers["Strict-Transport-Security"] = HSTS
-    if request.endpoint == "account.photo":
+    endpoint = request.endpoint
+    if endpoint == "static":
+        headers.extend(ISOLATION_HEADERS)
+    elif endpoint == "account.photo":
+        headers.extend(ISOLATION_HEADERS)
         headers["Content-Security-Policy"] = PHOTO_CSP
-    elif request.endpoint != "static":
+    else:
         # Pages depend on who is logged in and many carry forms with a CSRF
         # token: no shared or browser cache may keep them (back button after
         # logout included).
-        headers["Cache-Control"] = "no-store"
+        headers.extend(_PAGE_HEADERS)
         response.vary.add("Cookie")
+    if current_app.config["FORCE_HTTPS"] and request.is_secure:
+        headers["Strict-Transport-Security"] = HSTS
     return response
 
 
