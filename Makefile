@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench observatory clean
+.PHONY: run test lint format bench soak observatory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,10 @@ format: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/store.py
-	$(BIN)/python bench/http.py
+	$(BIN)/python bench/http_load.py
+
+soak: $(VENV)/.installed-test
+	$(BIN)/python bench/soak.py
 
 observatory: $(VENV)/.installed-test
 	bench/observatory.sh

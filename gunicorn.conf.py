@@ -3,7 +3,7 @@
 The rate limiter's default ``memory://`` storage counts inside one process,
 so the default is one worker process with threads. Set ``WEB_CONCURRENCY``
 above 1 only together with ``FLASK_RATELIMIT_STORAGE_URI=redis://...``; one
-worker per CPU is the measured choice there (bench/http.py, BENCHMARKS.md):
+worker per CPU is the measured choice there (bench/http_load.py, BENCHMARKS.md):
 
     WEB_CONCURRENCY=2 FLASK_RATELIMIT_STORAGE_URI=redis://127.0.0.1:6379 make run
 """

@@ -1,4 +1,4 @@
-"""The baseline for bench/http.py: plain Flask, no extensions, rendering secure_app's pages.
+"""The baseline for bench/http_load.py: plain Flask, no extensions, rendering secure_app's pages.
 
 It renders the same ``second.html`` and ``account-details.html`` through the
 same ``_base.html`` as secure_app, with the same endpoint names, so the HTML
@@ -31,7 +31,7 @@ FAKE_CSRF = (
     "IjBiZW5jaC1iYXJlLWFwcC1ub3QtYS1yZWFsLWNzcmYtdG9rZW4tMDAw.Z2hpag.bm90LWEtcmVhbC10b2tlbi1hdC1"
 )
 
-# The record the bench also saves to secure_app's benchmark user (bench/http.py).
+# The record the bench also saves to secure_app's benchmark user (bench/http_load.py).
 RECORD: dict[str, Any] = {
     "username": "benchuser",
     "password_hash": "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$c29tZWhhc2g",

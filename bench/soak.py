@@ -27,8 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# bench/http.py would shadow the standard library's http package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# tests/servers.py (gunicorn and redis-server for benchmarks) lives in the repository.
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402

@@ -16,15 +16,10 @@ import os
 import random
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-# Run as a script, Python puts bench/ first on the path, where bench/http.py
-# would shadow the standard library's http package: put the repository there.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from secure_app.store import Store, new_user  # noqa: E402
 

@@ -22,6 +22,8 @@ from flask import Flask
 DEFAULTS: dict[str, object] = {
     "DATA_DIR": "data",
     "FORCE_HTTPS": False,
+    # Where the https redirect goes when the TLS listener is not on 443.
+    "HTTPS_PORT": 443,
     "PROXY_HOPS": 0,
     "LOGIN_RATE_LIMIT_IP": "20 per minute",
     "LOGIN_RATE_LIMIT_USER": "5 per minute",

@@ -150,7 +150,7 @@ def _https_url() -> str:
         abort(400)
     if ":" in host:  # an IPv6 literal
         host = f"[{host}]"
-    port = int(current_app.config.get("HTTPS_PORT") or 443)
+    port = int(current_app.config["HTTPS_PORT"])
     netloc = host if port == 443 else f"{host}:{port}"
     return urlunsplit(("https", netloc, parts.path, parts.query, ""))
 

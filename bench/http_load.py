@@ -18,7 +18,7 @@ login and registration routes only. Needs ``wrk`` (``apt-get install wrk``)
 and, for the several-workers rows, ``redis-server`` (``apt-get install
 redis-server``).
 
-    .venv/bin/python bench/http.py [--rounds 5] [--seconds 4] [--connections 16]
+    .venv/bin/python bench/http_load.py [--rounds 5] [--seconds 4] [--connections 16]
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# This file is called http.py: keep its folder from shadowing the standard library's http.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# tests/servers.py (gunicorn and redis-server for benchmarks) lives in the repository.
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
