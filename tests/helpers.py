@@ -33,6 +33,16 @@ def make_app(tmp_path: Path, **overrides: object) -> Flask:
     return create_app(config)
 
 
+def stored_bytes(app: Flask) -> dict[str, bytes]:
+    """Every file the app keeps (data and photos), to prove a refused request changed none."""
+    files = {}
+    for key in ("DATA_DIR", "PHOTO_DIR"):
+        root = Path(app.config[key])
+        if root.exists():
+            files.update({str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+    return files
+
+
 def csrf_token(client, path: str = "/login") -> str:
     """Fetch ``path`` and return the CSRF token of its first form."""
     page = client.get(path).get_data(as_text=True)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app, stored_bytes
 
 SESSION_COOKIE = "session"
 
@@ -27,16 +26,6 @@ def png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (0, 90, 200)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def stored_bytes(app) -> dict[str, bytes]:
-    """Every file the app keeps, data and photos."""
-    files = {}
-    for key in ("DATA_DIR", "PHOTO_DIR"):
-        root = Path(app.config[key])
-        if root.exists():
-            files.update({str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()})
-    return files
 
 
 def session_cookie(client) -> str | None:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers import PASSWORD, csrf_token, make_app
+from helpers import PASSWORD, csrf_token, make_app, stored_bytes
 from secure_app.store import StoreError
 
 SECRET_DETAIL = "internal-detail-7f3a /srv/secret/path"
@@ -60,16 +60,6 @@ def app(tmp_path: Path):
     app = make_app(tmp_path, PROPAGATE_EXCEPTIONS=False)
     add_test_routes(app)
     return app
-
-
-def stored_bytes(app) -> dict[str, bytes]:
-    """Every file the app keeps (data and photos), to prove a refused request changed none."""
-    files = {}
-    for key in ("DATA_DIR", "PHOTO_DIR"):
-        root = Path(app.config[key])
-        if root.exists():
-            files.update({str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()})
-    return files
 
 
 def assert_layout_page(response, code: int) -> str:

@@ -214,19 +214,26 @@ def test_change_password_limit_is_per_user_across_sessions(tmp_path):
     assert _change(second, PASSWORD).status_code == 429
 
 
+def _app_limited_by_env(tmp_path, **limits: str):
+    """An app that takes RATELIMIT_ENABLED from the environment (make_app pins it off)."""
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret-key-" + "x" * 32,
+        "DATA_DIR": str(tmp_path / "data"),
+        "PHOTO_DIR": str(tmp_path / "photos"),
+        **limits,
+    }
+    return create_app(config)
+
+
 def test_ratelimit_enabled_false_turns_every_limit_off(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASK_RATELIMIT_ENABLED", "false")
-    app = create_app(
-        {
-            "TESTING": True,
-            "SECRET_KEY": "test-secret-key-" + "x" * 32,
-            "DATA_DIR": str(tmp_path / "data"),
-            "PHOTO_DIR": str(tmp_path / "photos"),
-            "LOGIN_RATE_LIMIT_IP": "1 per minute",
-            "LOGIN_RATE_LIMIT_USER": "1 per minute",
-            "REGISTER_RATE_LIMIT_IP": "1 per hour",
-            "CHANGE_PASSWORD_RATE_LIMIT_USER": "1 per minute",
-        }
+    app = _app_limited_by_env(
+        tmp_path,
+        LOGIN_RATE_LIMIT_IP="1 per minute",
+        LOGIN_RATE_LIMIT_USER="1 per minute",
+        REGISTER_RATE_LIMIT_IP="1 per hour",
+        CHANGE_PASSWORD_RATE_LIMIT_USER="1 per minute",
     )
     assert app.config["RATELIMIT_ENABLED"] is False
     auth = AuthActions(app.test_client())
@@ -244,14 +251,9 @@ def test_ratelimit_enabled_false_turns_every_limit_off(tmp_path, monkeypatch):
 def test_ratelimit_enabled_env_value_reaches_the_limiter(tmp_path, monkeypatch, value):
     """The same tight limit refuses the second login only when limits are on."""
     monkeypatch.setenv("FLASK_RATELIMIT_ENABLED", value)
-    app = create_app(
-        {
-            "TESTING": True,
-            "SECRET_KEY": "test-secret-key-" + "x" * 32,
-            "DATA_DIR": str(tmp_path / "data"),
-            "PHOTO_DIR": str(tmp_path / "photos"),
-            "LOGIN_RATE_LIMIT_IP": "1 per minute",
-        }
+    app = _app_limited_by_env(
+        tmp_path,
+        LOGIN_RATE_LIMIT_IP="1 per minute",
     )
     client = app.test_client()
     _login(client, "alice", WRONG)
