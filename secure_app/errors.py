@@ -39,8 +39,8 @@ def _http_error(error: HTTPException):
         body, _ = _render(429, seconds=seconds)
         return body, 429, {"Retry-After": str(seconds)}
     body, status = _render(code, description=error.description)
-    response_headers = error.get_headers() if code == 405 else []
-    allow = [(k, v) for k, v in response_headers if k == "Allow"]
+    # Keep what the status needs (Allow on a 405); our page brings its own Content-Type.
+    allow = [(k, v) for k, v in error.get_headers() if k == "Allow"]
     return body, status, allow
 
 
