@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, render_template, request
+from flask import Flask, Response, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.http import HTTP_STATUS_CODES
 
 from . import audit
 from .security import login_username_key, retry_after_seconds
@@ -25,9 +26,16 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(InternalServerError, _server_error)
 
 
-def _render(code: int, **context: object) -> tuple[str, int]:
+def _render(code: int, **context: object) -> tuple[str | Response, int]:
     template = f"errors/{code}.html" if code in PAGES else "errors/_error.html"
-    return render_template(template, code=code, **context), code
+    try:
+        return render_template(template, code=code, **context), code
+    except Exception:
+        # The layout itself cannot be built (a crash in it, or no URL adapter
+        # for a Host refused by TRUSTED_HOSTS): keep the status, in plain text.
+        log.exception("error page %s failed; sending plain text", code)
+        text = f"{code} {HTTP_STATUS_CODES.get(code, 'Error')}\n"
+        return Response(text, code, mimetype="text/plain"), code
 
 
 def _http_error(error: HTTPException):
@@ -44,19 +52,15 @@ def _http_error(error: HTTPException):
     return body, status, allow
 
 
-def _csrf_error(error: CSRFError) -> tuple[str, int]:
+def _csrf_error(error: CSRFError) -> tuple[str | Response, int]:
     audit.event("csrf_refused", None, reason=error.description)
     return _render(400, description=error.description)
 
 
-def _store_error(error: StoreError) -> tuple[str, int]:
+def _store_error(error: StoreError) -> tuple[str | Response, int]:
     log.error("store failure: %s", error)
     return _render(503)
 
 
-def _server_error(error: InternalServerError) -> tuple[str, int]:
-    try:
-        return _render(500)
-    except Exception:  # the layout itself failed: fall back to plain text
-        log.exception("error page failed")
-        return "Internal Server Error", 500
+def _server_error(error: InternalServerError) -> tuple[str | Response, int]:
+    return _render(500)

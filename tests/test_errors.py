@@ -130,8 +130,18 @@ def test_500_page_is_the_layout_and_the_detail_goes_to_the_log(client, caplog):
 def test_500_falls_back_to_plain_text_when_the_layout_itself_fails(client):
     response = client.get("/_test/broken-layout")
     assert response.status_code == 500
-    page = response.get_data(as_text=True)
-    assert page == "Internal Server Error"
+    assert response.mimetype == "text/plain"
+    assert response.get_data(as_text=True) == "500 Internal Server Error\n"
+
+
+def test_untrusted_host_gets_a_plain_400_not_a_500(tmp_path):
+    """A Host outside TRUSTED_HOSTS is refused; the layout cannot be built, yet the 400 stays."""
+    app = make_app(tmp_path, TRUSTED_HOSTS=["example.org"])
+    client = app.test_client()
+    refused = client.get("/", headers={"Host": "evil.example"})
+    assert refused.status_code == 400
+    assert "Traceback" not in refused.get_data(as_text=True)
+    assert client.get("/", base_url="http://example.org").status_code == 200
 
 
 def test_503_when_the_store_fails_says_nothing_was_saved(client):
