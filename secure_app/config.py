@@ -118,7 +118,7 @@ def load_keys(instance: Path) -> tuple[str, list[str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        raise RuntimeError(f"{path} is not a valid key file; restore it or delete it.") from None
+        data = None  # refused below, with every other malformed file
     except FileNotFoundError:
         key = _new_key()
         try:
@@ -130,7 +130,7 @@ def load_keys(instance: Path) -> tuple[str, list[str]]:
         os.chmod(path, 0o600)
     try:
         current, fallbacks = data["current"], list(data.get("fallbacks", []))
-    except (TypeError, KeyError):
+    except (TypeError, KeyError, AttributeError):
         current, fallbacks = None, []
     if (
         not isinstance(current, str)
