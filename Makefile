@@ -35,6 +35,7 @@ format: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/sync_writes.py
 	$(BIN)/python bench/http_load.py
 
 soak: $(VENV)/.installed-test

@@ -283,6 +283,8 @@ def stored_records(data_dir: Path) -> dict[str, dict]:
     """The last record per key in the data file, read the way a person would."""
     records: dict[str, dict] = {}
     for line in (data_dir / "users.jsonl").read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue  # the space reserved after the last record
         entry = json.loads(line)
         if "v" in entry:
             records[entry["k"]] = entry["v"]

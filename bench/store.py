@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from secure_app.store import Store, new_user  # noqa: E402
+from secure_app.store import Store, encode_line, new_user
 
 FAKE_HASH = "$argon2id$v=19$m=65536,t=3,p=4$" + "A" * 22 + "$" + "B" * 43
 
@@ -40,13 +40,12 @@ def make_record(i: int) -> dict:
 
 
 def load_store(folder: Path, users: int) -> Store:
-    """Seed the file in the store's documented line format, in one write, then open it."""
+    """Seed the file in the store's line format, in one write, then open it."""
     folder.mkdir()
-    with open(folder / "users.jsonl", "w", encoding="utf-8") as f:
+    with open(folder / "users.jsonl", "wb") as f:
         for i in range(users):
             record = make_record(i)
-            f.write(json.dumps({"k": record["username"], "v": record}, ensure_ascii=False))
-            f.write("\n")
+            f.write(encode_line(record["username"], record))
         f.flush()
         os.fsync(f.fileno())
     store = Store(folder)

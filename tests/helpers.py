@@ -6,7 +6,11 @@ module named ``conftest``, so ``from conftest import ...`` would pick either.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import resource
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from flask import Flask
@@ -79,3 +83,30 @@ class AuthActions:
     def logout(self):
         token = csrf_token(self._client, "/account-details")
         return self._client.post("/logout", data={"csrf_token": token})
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Make every write past ``limit`` bytes of a file fail with EFBIG, as a full disk would.
+
+    Writes inside a file's existing bytes still succeed, as on a real full disk.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def record_lines(path: Path) -> list[bytes]:
+    """The record lines of a data file; asserts that only reserved space (spaces) follows them."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    rows = data.split(b"\n")[:-1]
+    if rows and not rows[-1].strip(b" "):
+        rows.pop()  # the reserved space after the last record
+    assert all(row.strip() for row in rows), "a blank line among the records"
+    return rows

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import resource
-import signal
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,8 +13,9 @@ import pytest
 from PIL import Image
 
 import images
-from helpers import csrf_token
+from helpers import csrf_token, file_size_limit, record_lines
 from secure_app import uploads
+from secure_app.store import Store
 
 FIELDS = ("full_name", "email", "phone", "bio")
 VALID = {
@@ -155,7 +153,7 @@ def test_data_file_is_readable_utf8_text_with_the_details(app, logged_in):
     text = data_file(app).read_bytes().decode("utf-8")
     assert "Ångström 😀" in text  # readable as is, not \u-escaped
     assert "o.brien+tag@example.org" in text
-    last = json.loads(text.splitlines()[-1])
+    last = json.loads(record_lines(data_file(app))[-1])
     assert last["v"]["bio"] == AWKWARD["bio"]
 
 
@@ -338,26 +336,16 @@ def test_saving_details_without_a_photo_keeps_the_photo(app, logged_in):
     assert record(app)["photo"] == old and photos(app) == [old]
 
 
-@contextlib.contextmanager
-def file_size_limit(limit: int):
-    """Make every write past ``limit`` bytes of a file fail with EFBIG, as a full disk would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
-def test_failed_save_leaves_no_orphan_photo_and_keeps_the_old_one(app, logged_in):
+def test_failed_save_leaves_no_orphan_photo_and_keeps_the_old_one(app, logged_in, monkeypatch):
     upload(logged_in, images.png())
     old = record(app)["photo"]
+    # No reserved space left in the data file, so the save has to grow it.
+    monkeypatch.setattr(Store, "reserve", 0)
+    app.extensions["secure_app.store"].compact()
     before = data_file(app).read_bytes()
     new_photo = images.jpeg((8, 8))
     token = csrf_token(logged_in, "/account-details")
-    # The new photo (a few hundred bytes) fits; the record line appended to the
+    # The new photo (a few hundred bytes) fits; the record line added to the
     # data file does not, so the store refuses after the photo was written.
     with file_size_limit(len(before) + 64):
         response = logged_in.post(

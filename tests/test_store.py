@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
 
-from secure_app.store import COMPACT_MIN_DEAD, Store, new_user
+from helpers import file_size_limit, record_lines
+from secure_app.store import COMPACT_MIN_DEAD, RESERVE, Store, StoreError, encode_line, new_user
 
 NASTY_TEXT = [
     "plain",
@@ -39,9 +41,21 @@ def store(folder: Path):
 
 
 def lines(folder: Path) -> list[bytes]:
-    data = (folder / "users.jsonl").read_bytes()
-    assert data.endswith(b"\n")
-    return data.split(b"\n")[:-1]
+    return record_lines(folder / "users.jsonl")
+
+
+def records_end(folder: Path) -> int:
+    """Where the next line goes: the end of the last record line."""
+    return sum(len(line) + 1 for line in lines(folder))
+
+
+def write_after_records(folder: Path, data: bytes) -> None:
+    """Write ``data`` where the next line goes, in place, as a writer that was cut short."""
+    fd = os.open(folder / "users.jsonl", os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, records_end(folder))
+    finally:
+        os.close(fd)
 
 
 def user(name: str, **fields: object) -> dict:
@@ -72,11 +86,22 @@ def test_file_is_utf8_text_with_one_json_object_a_line(store, folder):
     store.update("zoe", lambda r: r.update(phone="+44 20"))
     text = (folder / "users.jsonl").read_text(encoding="utf-8")  # valid UTF-8 or this raises
     assert "Zoë Ñúñez" in text  # readable with less, not \u-escaped
-    assert text.endswith("\n")
-    rows = [json.loads(line) for line in text.splitlines()]
+    *records, reserve, end = text.split("\n")
+    assert end == "" and reserve.strip(" ") == ""  # a line of spaces: room for the next lines
+    rows = [json.loads(line) for line in records]
     assert [row["k"] for row in rows] == ["zoe", "zoe"]
+    assert all(set(row) == {"k", "v", "c"} for row in rows)
     assert rows[-1]["v"]["phone"] == "+44 20"
     assert rows[-1]["v"]["bio"] == "first\nsecond"
+    # The first write grew the file by its line and a reserve; the update went into the reserve.
+    assert len(text.encode()) == len(lines(folder)[0]) + 1 + RESERVE
+
+
+def test_each_line_carries_the_crc32_of_what_precedes_it(folder):
+    line = encode_line("zoe", user("zoe", bio="checked"))
+    body, tail = line[: -len(b',"c":"00000000"}\n')], line[-len(b',"c":"00000000"}\n') :]
+    assert tail == b',"c":"%08x"}\n' % zlib.crc32(body)
+    assert json.loads(line)["v"]["bio"] == "checked"
 
 
 def test_lone_surrogate_is_escaped_so_the_file_stays_valid_utf8(store, folder):
@@ -85,51 +110,82 @@ def test_lone_surrogate_is_escaped_so_the_file_stays_valid_utf8(store, folder):
     assert store.get("s") == {"bio": "a\ud800b"}
 
 
-def test_torn_last_line_is_discarded_on_open_and_cut_off(folder):
+def seed_two(folder: Path) -> bytes:
     writer = Store(folder)
     writer.create("alice", user("alice", bio="kept"))
     writer.create("bob", user("bob", bio="kept too"))
     writer.close()
-    good = (folder / "users.jsonl").read_bytes()
-    # A writer killed part-way through its single write leaves a line without its newline.
-    torn = json.dumps({"k": "carol", "v": user("carol")}).encode()[:40]
-    with open(folder / "users.jsonl", "ab") as f:
-        f.write(torn)
+    return (folder / "users.jsonl").read_bytes()
 
+
+def assert_healed(folder: Path, good: bytes) -> None:
+    """A fresh store reads alice and bob only, and turns the torn bytes back into spaces."""
     reader = Store(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]  # earlier records intact
         assert reader.get("alice")["bio"] == "kept"
         assert (folder / "users.jsonl").read_bytes() == good  # the torn bytes are gone
         assert reader.create("carol", user("carol"))
-        assert all(json.loads(line) for line in lines(folder))
+        assert len(lines(folder)) == 3
     finally:
         reader.close()
+    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
+
+
+def test_torn_last_line_is_discarded_on_open_and_cleared(folder):
+    good = seed_two(folder)
+    # A writer killed part-way through its single write leaves the start of a line.
+    write_after_records(folder, encode_line("carol", user("carol"))[:40])
+    assert_healed(folder, good)
 
 
 def test_complete_record_without_its_newline_counts_as_torn(folder):
-    """The newline is the commit mark: a line that lacks it was never acknowledged."""
-    writer = Store(folder)
-    writer.create("alice", user("alice"))
-    writer.close()
+    """The newline is part of the line: a line that lacks it was never acknowledged."""
+    good = seed_two(folder)
+    write_after_records(folder, encode_line("mallory", user("mallory"))[:-1])
+    assert_healed(folder, good)
+
+
+def test_line_with_a_lost_middle_is_not_a_record_even_when_it_parses(folder):
+    """A power cut can save the first and last sectors of a write but not the one between.
+
+    The spaces of the reserved space then stand in for the lost bytes, and the
+    line is still valid JSON: only the checksum tells it apart.
+    """
+    good = seed_two(folder)
+    line = encode_line("alice", user("alice", bio="x" * 2000))
+    torn = line[:512] + b" " * 512 + line[1024:]
+    assert json.loads(torn)["v"]["bio"] != "x" * 2000  # JSON alone would take it
+    write_after_records(folder, torn)
+    assert_healed(folder, good)
+
+
+def test_torn_write_that_grew_the_file_is_discarded(folder, monkeypatch):
+    """Without reserved space a line is added at the end: a cut leaves a tail without newline."""
+    monkeypatch.setattr(Store, "reserve", 0)
+    good = seed_two(folder)
+    assert good.endswith(b"}\n")  # no reserve: the file ends with the last record
     with open(folder / "users.jsonl", "ab") as f:
-        f.write(json.dumps({"k": "mallory", "v": user("mallory")}).encode())
+        f.write(encode_line("carol", user("carol"))[:40])
     reader = Store(folder)
     try:
-        assert "mallory" not in reader
-        assert reader.create("dave", user("dave"))
-        assert "mallory" not in Store(folder)
+        assert sorted(reader.keys()) == ["alice", "bob"]
+        # The torn bytes became reserved space, which the next line goes into.
+        assert (folder / "users.jsonl").read_bytes() == good + b" " * 39 + b"\n"
+        assert reader.create("carol", user("carol"))
     finally:
         reader.close()
+    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
 
 
 def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder):
-    writer = Store(folder)
-    writer.create("alice", user("alice"))
-    with open(folder / "users.jsonl", "ab") as f:
-        f.write(b'\x00\x00\xff not json {\n[1, 2]\n{"k": 5, "v": {}}\n\n')
-    writer.create("bob", user("bob"))
-    writer.close()
+    folder.mkdir()
+    (folder / "users.jsonl").write_bytes(
+        encode_line("alice", user("alice"))
+        + b'\x00\x00\xff not json {\n[1, 2]\n{"k": 5, "v": {}}\n\n'
+        + b'{"k":"mallory","v":{"username":"mallory"}}\n'  # no checksum: not a record
+        + encode_line("bob", user("bob"))
+    )
     reader = Store(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]
@@ -137,16 +193,43 @@ def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder):
         reader.close()
 
 
-def test_update_appends_one_line_and_leaves_earlier_bytes_alone(store, folder):
-    for i in range(50):
+def test_update_writes_one_line_in_place_and_leaves_earlier_bytes_alone(store, folder):
+    for i in range(10):
         store.create(f"user{i}", user(f"user{i}"))
     before = (folder / "users.jsonl").read_bytes()
+    end = records_end(folder)
     inode = os.stat(folder / "users.jsonl").st_ino
     store.update("user7", lambda r: r.update(bio="new"))
     after = (folder / "users.jsonl").read_bytes()
     assert os.stat(folder / "users.jsonl").st_ino == inode  # not a rewrite
-    assert after.startswith(before)
-    assert after[len(before) :].count(b"\n") == 1
+    assert len(after) == len(before)  # written into the reserved space: the file did not grow
+    assert after[:end] == before[:end]
+    assert lines(folder)[-1] == encode_line("user7", store.get("user7"))[:-1]
+    assert len(lines(folder)) == 11
+
+
+def test_file_grows_by_a_fresh_reserve_when_the_reserve_is_used_up(store, folder):
+    store.create("alice", user("alice"))
+    size = os.path.getsize(folder / "users.jsonl")
+    big = "y" * (RESERVE + 100)
+    store.update("alice", lambda r: r.update(bio=big))
+    assert os.path.getsize(folder / "users.jsonl") == records_end(folder) + RESERVE > size
+    assert Store(folder).get("alice")["bio"] == big
+
+
+def test_save_that_fits_the_reserve_succeeds_on_a_full_disk_and_one_that_does_not_is_refused(
+    store, folder
+):
+    store.create("alice", user("alice", bio="old"))
+    size = os.path.getsize(folder / "users.jsonl")
+    with file_size_limit(size):  # not one byte more on this disk
+        store.update("alice", lambda r: r.update(bio="fits"))
+        before = (folder / "users.jsonl").read_bytes()
+        with pytest.raises(StoreError):
+            store.update("alice", lambda r: r.update(bio="z" * RESERVE))
+    assert (folder / "users.jsonl").read_bytes() == before  # the part written was taken back
+    assert store.get("alice")["bio"] == "fits"
+    assert Store(folder).get("alice")["bio"] == "fits"
 
 
 def test_update_that_changes_nothing_writes_nothing(store, folder):

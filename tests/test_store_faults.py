@@ -6,9 +6,13 @@ Each test runs twice:
   size=...``), filled up for ENOSPC and remounted read-only for EROFS. This
   needs root and a working ``mount``; without them it is skipped with the
   reason, and the injected run below still runs.
-* ``injected``: the store's write path (``secure_app.store._write_all``)
+* ``injected``: the store's write path (``secure_app.store._pwrite_all``)
   raises the ``OSError`` itself, after writing half of the bytes for ENOSPC,
   as a disk that fills up part-way through a write does.
+
+A save that fits in the space the data file has reserved succeeds on a full
+disk (``test_store.py`` proves it); the saves here are bigger than the reserve,
+or the reserve is used up first.
 """
 
 from __future__ import annotations
@@ -55,11 +59,11 @@ class FaultyFolder:
         """Make the next write fail with ENOSPC, part-way through a line of more than ``leave``."""
         if self.how == "injected":
 
-            def half_then_full(fd: int, data: bytes) -> None:
-                os.write(fd, data[: len(data) // 2])
+            def half_then_full(fd: int, data: bytes, offset: int) -> None:
+                os.pwrite(fd, data[: len(data) // 2], offset)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            self._monkeypatch.setattr(store_module, "_write_all", half_then_full)
+            self._monkeypatch.setattr(store_module, "_pwrite_all", half_then_full)
             return
         fd = os.open(self.path / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -80,10 +84,10 @@ class FaultyFolder:
             store.close()  # Linux refuses a read-only remount while a file is open for writing
         if self.how == "injected":
 
-            def read_only(fd: int, data: bytes) -> None:
+            def read_only(fd: int, data: bytes, offset: int) -> None:
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-            self._monkeypatch.setattr(store_module, "_write_all", read_only)
+            self._monkeypatch.setattr(store_module, "_pwrite_all", read_only)
             return
         run("mount", "-o", "remount,ro", self.path)
 
@@ -174,7 +178,9 @@ def test_read_only_folder_refuses_an_update_and_still_reads(faulty):
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_account_details_save_that_fails_gives_503_and_changes_nothing(faulty, tmp_path, fault):
+def test_account_details_save_that_fails_gives_503_and_changes_nothing(
+    faulty, tmp_path, fault, monkeypatch
+):
     app = make_app(tmp_path, DATA_DIR=str(faulty.path))
     client = app.test_client()
     auth = AuthActions(client)
@@ -182,6 +188,8 @@ def test_account_details_save_that_fails_gives_503_and_changes_nothing(faulty, t
     assert auth.login("alice", PASSWORD).status_code == 302
     token = csrf_token(client, "/account-details")
     app_store = app.extensions["secure_app.store"]
+    monkeypatch.setattr(Store, "reserve", 0)
+    app_store.compact()  # no reserved space left: the save has to grow the file
     record = app_store.get("alice")
     before = (faulty.path / "users.jsonl").read_bytes()
 

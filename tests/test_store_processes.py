@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from secure_app.store import Store
+from secure_app.store import Store, _checked, _reserved
 
 ROOT = Path(__file__).resolve().parent.parent
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
@@ -113,15 +113,23 @@ def outcome(stdout: str) -> dict[str, tuple[object, object]]:
     return {k: (acked.get(k, "unknown"), pending.get(k, "none")) for k in {*acked, *pending}}
 
 
-def check_clean_file(folder: Path) -> None:
-    """Every complete line is a JSON record; at most a torn tail without newline follows."""
+def check_file(folder: Path) -> bool:
+    """Every line up to the last record is a record; return whether a torn write follows it.
+
+    Only reserved space (spaces, then a newline) may follow the last record in a
+    healed file; a write cut by the kill leaves something else there.
+    """
     path = folder / "users.jsonl"
     if not path.exists():
-        return
+        return False
     data = path.read_bytes()
-    for line in data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]:
-        entry = json.loads(line.decode("utf-8"))
-        assert set(entry) == {"k", "v"}
+    rows = data.split(b"\n")
+    last = max((i for i, row in enumerate(rows) if _checked(row)), default=-1)
+    for row in rows[: last + 1]:
+        entry = json.loads(row.decode("utf-8"))
+        assert set(entry) == {"k", "v", "c"}
+    tail = b"\n".join(rows[last + 1 :])
+    return tail != _reserved(len(tail))
 
 
 def test_sigkilled_writers_never_lose_an_acknowledged_write(tmp_path: Path):
@@ -156,9 +164,7 @@ def test_sigkilled_writers_never_lose_an_acknowledged_write(tmp_path: Path):
                     expected[key] = acked
                 if in_flight != "none":
                     uncertain[key] = in_flight
-        data = (folder / "users.jsonl").read_bytes() if (folder / "users.jsonl").exists() else b""
-        torn_seen += bool(data) and not data.endswith(b"\n")
-        check_clean_file(folder)
+        torn_seen += check_file(folder)
 
         store = Store(folder)  # opens cleanly, heals a torn tail
         try:
@@ -172,8 +178,7 @@ def test_sigkilled_writers_never_lose_an_acknowledged_write(tmp_path: Path):
             if record is not None:
                 assert set(record["pad"]) == {"\u00e9"}  # the whole record, not a mix
             known[key] = state
-        data = (folder / "users.jsonl").read_bytes() if (folder / "users.jsonl").exists() else b""
-        assert not data or data.endswith(b"\n"), "the torn tail was not cut off on open"
+        assert not check_file(folder), "the torn tail was not cleared on open"
     print(f"seed {seed}: {ROUNDS} rounds, {torn_seen} torn tails healed")
 
 

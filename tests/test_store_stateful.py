@@ -22,6 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from helpers import record_lines
 from secure_app.store import Store
 
 any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=30)
@@ -108,7 +109,8 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             path = self.tmp / "users.jsonl"
             if path.exists():  # still one valid JSON object a line, in valid UTF-8
-                for line in path.read_bytes().decode("utf-8").split("\n")[:-1]:
+                path.read_bytes().decode("utf-8")
+                for line in record_lines(path):
                     json.loads(line)
         finally:
             for store in self.handles:
