@@ -34,8 +34,11 @@ How each promise is kept:
   is renamed into place, and a new file or a rename is followed by an
   ``fsync`` of the folder.
 * **Self-healing.** Whoever next reads new bytes or writes, holding the lock,
-  turns anything after the last good record (a torn write) back into spaces.
-  Lines in the middle that are not good records are skipped, never fatal.
+  turns a torn write after the last good record back into spaces. One write
+  leaves at most one line there: more than that was put there some other way,
+  so it is kept and saving is refused until someone looks. Lines in the
+  middle that are not good records are skipped, never fatal. A file written
+  before lines had checksums is read as such and converted at the first write.
 * **O(1) per update.** An update writes one line into the reserved space, and
   each process reads only the bytes it has not seen. Writing into space the
   file already has, instead of growing it, is why the reserve exists: a synced
@@ -116,9 +119,14 @@ def _checked(raw: bytes) -> bool:
     )
 
 
-def _decode(raw: bytes) -> tuple[str, Record] | None:
-    """Return (key, record) from a line, or None for a line that is not a whole record."""
-    if not _checked(raw):
+def _decode(raw: bytes, earlier: bool = False) -> tuple[str, Record] | None:
+    """Return (key, record) from a line, or None for a line that is not a whole record.
+
+    With ``earlier``, a line of the format before checksums (``k`` and ``v``
+    only) counts too.
+    """
+    checked = _checked(raw)
+    if not (checked or earlier):
         return None
     try:
         entry = json.loads(raw)
@@ -127,7 +135,15 @@ def _decode(raw: bytes) -> tuple[str, Record] | None:
         return None
     if not isinstance(key, str) or not isinstance(record, dict):
         return None
+    if not checked and entry.keys() != {"k", "v"}:
+        return None
     return key, record
+
+
+def _in_earlier_format(data: bytes) -> bool:
+    """Whether a file starting with ``data`` was written before lines had checksums."""
+    first = data[: data.find(b"\n") + 1]
+    return bool(first) and _decode(first[:-1], earlier=True) is not None
 
 
 def _records_end(data: bytes) -> int:
@@ -204,6 +220,8 @@ class Store:
         self._offset = 0  # end of the last record read: where the next one goes
         self._size = 0  # bytes in the file when last looked at
         self._torn = False  # something other than reserved space follows the last record
+        self._foreign = False  # ...and it holds more lines than one torn write can leave
+        self._earlier = False  # the file is in the format before checksums (converted on write)
         self._lines = 0  # record lines read or written, live or dead
         self._index: dict[str, bytes] = {}  # key -> its last line, without the newline
 
@@ -276,8 +294,8 @@ class Store:
             if locked:
                 try:
                     self._heal()
-                except StoreError:
-                    log.exception("could not clear a torn write at the end of %s", self.path)
+                except StoreError as exc:
+                    log.error("%s", exc)  # reading goes on; writing is refused until it is fixed
         self._consume(data)
 
     def _reset(self) -> None:
@@ -285,7 +303,8 @@ class Store:
             if fd is not None:
                 os.close(fd)
         self._fd = self._wfd = self._ino = None
-        self._offset, self._size, self._lines, self._torn = 0, 0, 0, False
+        self._offset, self._size, self._lines = 0, 0, 0
+        self._torn = self._foreign = self._earlier = False
         self._index = {}
 
     def _read_new(self) -> bytes:
@@ -317,9 +336,15 @@ class Store:
         data = _read_to_end(self._fd, self._offset, st.st_size - self._offset)
         self._size = self._offset + len(data)
         end = _records_end(data)
+        if not end and not self._offset and _in_earlier_format(data):
+            # Written before lines had checksums: read it all (but a last line
+            # without its newline); the first write converts it (_locked).
+            end, self._earlier = data.rfind(b"\n") + 1, True
         # Anything but reserved space after the last record is a write that was
-        # cut short; _heal clears it under the lock.
+        # cut short; _heal clears it under the lock. One write leaves at most one
+        # line: more than that was put there otherwise and must not be cleared.
         self._torn = not _is_reserved(data, end)
+        self._foreign = self._torn and b"\n" in data[end:].rstrip(b" \n")
         self._offset += end
         return data[:end]
 
@@ -329,7 +354,7 @@ class Store:
         lines = data.split(b"\n")
         lines.pop()  # the empty piece after the last newline
         for raw in lines:
-            decoded = _decode(raw)
+            decoded = _decode(raw, self._earlier)
             if decoded is None:
                 if raw.strip():
                     self._lines += 1  # dead weight for compaction to remove
@@ -366,6 +391,11 @@ class Store:
         with self._held(), self._flock():
             self._consume(self._read_new())
             self._heal()
+            if self._earlier:
+                log.warning("converting %s to lines with checksums", self.path)
+                self._rewrite(
+                    {k: encode_line(k, json.loads(raw)["v"])[:-1] for k, raw in self._index.items()}
+                )
             if not self._checked_copies:
                 self._remove_stale_copies()
                 self._checked_copies = True
@@ -378,6 +408,11 @@ class Store:
         """
         if not self._torn:
             return
+        if self._foreign:
+            raise StoreError(
+                f"{self.path} has lines after its last record that no interrupted write"
+                " leaves (was it edited by hand?): they are kept, and saving is refused"
+            )
         log.warning("discarding a torn write at the end of %s", self.path)
         try:
             _pwrite_all(self._writer(), _reserved(self._size - self._offset), self._offset)

@@ -178,6 +178,44 @@ def test_torn_write_that_grew_the_file_is_discarded(folder, monkeypatch):
     assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
 
 
+def test_lines_after_the_last_record_that_no_write_leaves_are_kept_and_saving_is_refused(folder):
+    """One interrupted write leaves at most one line; more was put there by hand, so keep it."""
+    seed_two(folder)
+    write_after_records(folder, b'{"k":"eve","v":{}}\n{"k":"eve","v":{"bio":"by hand"}}\n')
+    before = (folder / "users.jsonl").read_bytes()
+    store = Store(folder)
+    try:
+        assert sorted(store.keys()) == ["alice", "bob"]  # reading goes on
+        with pytest.raises(StoreError, match="edited by hand"):
+            store.update("alice", lambda r: r.update(bio="new"))
+        assert store.get("alice")["bio"] == "kept"
+    finally:
+        store.close()
+    assert (folder / "users.jsonl").read_bytes() == before
+
+
+def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_write(folder):
+    folder.mkdir()
+    earlier = [json.dumps({"k": name, "v": user(name, bio=f"{name}'s")}) for name in ("ann", "ben")]
+    torn = json.dumps({"k": "cy", "v": user("cy")})[:30]  # cut short: never acknowledged
+    (folder / "users.jsonl").write_text("\n".join(earlier) + "\n" + torn, encoding="utf-8")
+    store = Store(folder)
+    try:
+        assert sorted(store.keys()) == ["ann", "ben"]
+        assert store.get("ben")["bio"] == "ben's"
+        store.update("ann", lambda r: r.update(bio="converted"))
+    finally:
+        store.close()
+    rows = [json.loads(line) for line in lines(folder)]
+    assert [row["k"] for row in rows] == ["ann", "ben", "ann"]  # converted, then updated
+    assert all(set(row) == {"k", "v", "c"} for row in rows)  # every line has its checksum now
+    again = Store(folder)
+    try:
+        assert again.get("ann")["bio"] == "converted" and again.get("ben")["bio"] == "ben's"
+    finally:
+        again.close()
+
+
 def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder):
     folder.mkdir()
     (folder / "users.jsonl").write_bytes(
