@@ -10,7 +10,9 @@ that noise hits all alike:
 * ``reserved``: ``O_DSYNC`` writes into space written earlier (what the store does);
 * ``reserved + stat``: the same with an ``os.stat`` of the file between writes,
   as a reader checking for changes would do;
-* ``reserved + pread``: the same with a one-byte ``pread`` instead (what the store does).
+* ``reserved + statx``: the same with a ``statx`` that asks only for the inode
+  and size (``secure_app.store._identity``, what the store does);
+* ``reserved + pread``: the same with a one-byte ``pread`` (what the store also does).
 
 Prints p50 and mean per way and the ratio to ``reserved``.
 """
@@ -24,6 +26,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from secure_app.store import _identity
 
 LINE = b'{"k":"x","v":{"bio":"' + b"b" * 670 + b'"}}\n'
 RESERVE = 16 * 1024
@@ -71,6 +75,7 @@ def main() -> None:
             "append": Append(folder / "append"),
             "reserved": Reserved(folder / "reserved", None),
             "reserved + stat": Reserved(folder / "stat", lambda f: os.stat(f.path)),
+            "reserved + statx": Reserved(folder / "statx", lambda f: _identity(f.path)),
             "reserved + pread": Reserved(folder / "pread", lambda f: os.pread(f.rfd, 1, f.offset)),
         }
         times: dict[str, list[float]] = {name: [] for name in ways}

@@ -44,8 +44,11 @@ How each promise is kept:
   file already has, instead of growing it, is why the reserve exists: a synced
   write that grows a file also makes the file system commit the new size to
   its journal, which took about 40% longer per write on ext4 (BENCHMARKS.md).
-  When dead lines outnumber live ones the file is compacted (amortised O(1));
-  other processes notice the new inode and reload.
+  When dead lines outnumber live ones the file is compacted (amortised O(1)).
+  A compaction marks the old file after its last record, so other processes
+  see the mark where they look for new records, then the new inode, and
+  reload. A file replaced some other way is noticed within ``RECHECK``
+  seconds, and never written into at the old file's offset.
 
 A failed save (full disk, read-only folder) raises :class:`StoreError` after
 putting the file back as it was: the caller reports "nothing was changed". A
@@ -55,11 +58,14 @@ not meant to be edited by hand: a line without its checksum is skipped.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import json
 import logging
 import os
 import secrets
+import struct
 import threading
 import time
 import zlib
@@ -93,6 +99,9 @@ _SUM_START, _SUM_LEN = b',"c":"', 16
 _NOTHING_NEW = (b" ", b"\n", b"")
 # Written after the last record of a file that a compaction is replacing.
 _REPLACED = b"#"
+# How often, in seconds, a process checks that the file at the path is still
+# the one it reads, when nothing else has told it to look.
+RECHECK = 1.0
 
 
 class StoreError(Exception):
@@ -186,6 +195,42 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
+def _find_statx() -> Callable[..., int] | None:
+    try:
+        statx = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):  # not Linux, or a C library without statx
+        return None
+    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    statx.restype = ctypes.c_int
+    return statx
+
+
+_STATX = _find_statx()
+_AT_FDCWD, _STATX_INO, _STATX_SIZE = -100, 0x100, 0x200
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Return the device, inode and size of ``path``, without asking for its times.
+
+    Written by hand because ``os.stat`` always asks for them (Python has no
+    ``os.statx`` before 3.15), and on Linux 6.13 and later a file whose times
+    were asked for takes a fine-grained time at its next write, which a synced
+    write must then commit to the journal: 1.5x the time per update
+    (``bench/sync_writes.py``). ``statx(2)`` asking only for the inode and
+    size leaves the file's times alone.
+    """
+    if _STATX is None:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino, st.st_size
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _STATX(_AT_FDCWD, os.fsencode(path), 0, _STATX_INO | _STATX_SIZE, buf) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+    ino, size = struct.unpack_from("=QQ", buf, 32)  # stx_ino, stx_size
+    major, minor = struct.unpack_from("=II", buf, 136)  # stx_dev_major, stx_dev_minor
+    return os.makedev(major, minor), ino, size
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -222,6 +267,7 @@ class Store:
         self._torn = False  # something other than reserved space follows the last record
         self._foreign = False  # ...and it holds more lines than one torn write can leave
         self._earlier = False  # the file is in the format before checksums (converted on write)
+        self._recheck_at = 0.0  # when _up_to_date next looks at the path
         self._lines = 0  # record lines read or written, live or dead
         self._index: dict[str, bytes] = {}  # key -> its last line, without the newline
 
@@ -263,16 +309,24 @@ class Store:
             yield
 
     def _up_to_date(self) -> bool:
-        """Whether nothing follows the last record read: one ``pread``, without the lock.
+        """Whether nothing follows the last record read, in the file at the path.
 
-        This runs on every request, so it does not ``stat`` the file. On Linux
-        6.13 and later, asking for a file's times makes its next write take a
-        fine-grained time, which a synced write then commits to the journal:
-        a ``stat`` per request made each update about 40 microseconds slower
-        (BENCHMARKS.md). A compaction marks the old file instead (_rewrite).
+        Runs on every request, without the lock, so it costs one ``pread``: a
+        space after the last record means nothing new. Our own compactions
+        mark the old file (_rewrite), so that needs no look at the path; a file
+        replaced some other way (a backup restored while the site runs) is
+        noticed within ``RECHECK`` seconds.
         """
         if self._fd is None:
             return not self.path.exists()
+        if time.monotonic() >= self._recheck_at:
+            try:
+                dev, ino, size = _identity(self.path)
+            except FileNotFoundError:
+                return False
+            if (dev, ino) != self._ino or size < self._offset:
+                return False
+            self._recheck_at = time.monotonic() + RECHECK
         return not self._torn and os.pread(self._fd, 1, self._offset) in _NOTHING_NEW
 
     def _refresh(self) -> None:
@@ -286,9 +340,13 @@ class Store:
             try:
                 stack.enter_context(self._flock())
                 locked = True
-            except StoreError:
-                # No lock (a read-only folder without a lock file): nobody can
-                # be writing there, so read without it.
+            except StoreError as exc:
+                # No lock file and no way to make one (a read-only folder):
+                # nobody can be writing there, so read without it. Any other
+                # failure to lock is an error.
+                cause = exc.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in (errno.EROFS, errno.EACCES):
+                    raise
                 locked = False
             data = self._read_new()
             if locked:
@@ -305,6 +363,7 @@ class Store:
         self._fd = self._wfd = self._ino = None
         self._offset, self._size, self._lines = 0, 0, 0
         self._torn = self._foreign = self._earlier = False
+        self._recheck_at = 0.0
         self._index = {}
 
     def _read_new(self) -> bytes:
@@ -317,23 +376,23 @@ class Store:
     def _read_new_bytes(self) -> bytes:
         if self._up_to_date():
             return b""
-        # Something follows the last record read: new records, a torn write, or
-        # the mark of a compaction that replaced the file. Only now look at the path.
+        # Something new: records, a torn write, or the mark of a compaction.
         try:
-            st = os.stat(self.path)
+            dev, ino, size = _identity(self.path)
         except FileNotFoundError:
             self._reset()
             return b""
-        if self._fd is None or (st.st_dev, st.st_ino) != self._ino:
-            # First read, or a compaction elsewhere (new inode).
+        if self._fd is None or (dev, ino) != self._ino or size < self._offset:
+            # First read, or the file was replaced (a compaction elsewhere).
             self._reset()
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 return b""
             st = os.fstat(self._fd)
-            self._ino = (st.st_dev, st.st_ino)
-        data = _read_to_end(self._fd, self._offset, st.st_size - self._offset)
+            self._ino, size = (st.st_dev, st.st_ino), st.st_size
+        self._recheck_at = time.monotonic() + RECHECK  # just looked
+        data = _read_to_end(self._fd, self._offset, size - self._offset)
         self._size = self._offset + len(data)
         end = _records_end(data)
         if not end and not self._offset and _in_earlier_format(data):
@@ -344,7 +403,8 @@ class Store:
         # cut short; _heal clears it under the lock. One write leaves at most one
         # line: more than that was put there otherwise and must not be cleared.
         self._torn = not _is_reserved(data, end)
-        self._foreign = self._torn and b"\n" in data[end:].rstrip(b" \n")
+        # (Sectors lost from a write that grew the file read back as zeros.)
+        self._foreign = self._torn and b"\n" in data[end:].rstrip(b" \n\0")
         self._offset += end
         return data[:end]
 
@@ -423,15 +483,26 @@ class Store:
     def _writer(self) -> int:
         """Return the write handle, creating the file if there is none yet."""
         if self._wfd is None:
-            created = self._fd is None
             # O_DSYNC: each write returns only once it is on disk (one call
             # instead of write plus fdatasync).
-            self._wfd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_DSYNC, 0o600)
-            if created:
-                _fsync_dir(self.folder)  # the new name must survive a power cut
-                self._fd = os.open(self.path, os.O_RDONLY)
-                fst = os.fstat(self._fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_DSYNC, 0o600)
+            fst = os.fstat(fd)
+            if self._fd is None:  # a new file
+                try:
+                    _fsync_dir(self.folder)  # the new name must survive a power cut
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                except OSError:
+                    os.close(fd)
+                    raise
                 self._ino = (fst.st_dev, fst.st_ino)
+            elif (fst.st_dev, fst.st_ino) != self._ino:
+                # The path now names another file than the one indexed: writing
+                # at our offset there would overwrite its records. Refuse, and
+                # look at the path on the next call.
+                os.close(fd)
+                self._recheck_at = 0.0
+                raise OSError(errno.ESTALE, "the file was replaced while the site ran")
+            self._wfd = fd
         return self._wfd
 
     def _append(self, key: str, line: bytes) -> None:
@@ -457,7 +528,8 @@ class Store:
     def _undo_write(self, fd: int, start: int, size: int) -> None:
         """Put back the file as it was before a failed write at ``start`` (``size`` bytes long)."""
         try:
-            os.ftruncate(fd, size)
+            if os.fstat(fd).st_size > size:  # shrink what the write grew; never extend
+                os.ftruncate(fd, size)
             os.pwrite(fd, _reserved(size - start), start)  # in place: needs no new disk space
         except OSError:
             log.exception("could not roll back a failed write to %s", self.path)
@@ -482,8 +554,8 @@ class Store:
             size += chunk_size
             os.fsync(fd)
             if self._fd is not None:
-                # Mark the old file after its last record: other processes check
-                # that byte on every request, then find the new file (_read_new).
+                # Mark the old file after its last record: other processes read
+                # that byte on every request, and then look for the new file.
                 _pwrite_all(self._writer(), _REPLACED, self._offset)
             os.replace(tmp, self.path)
         except OSError as exc:
@@ -499,8 +571,11 @@ class Store:
         self._offset, self._size, self._lines = size, fst.st_size, len(index)
         try:
             _fsync_dir(self.folder)
-        except OSError as exc:
-            raise StoreError(f"cannot make the new database durable: {exc.strerror}") from exc
+        except OSError:
+            # The change is made and other processes see it: reporting it as
+            # not made would be wrong. Only a power cut before the folder
+            # reaches the disk could bring the old file back.
+            log.exception("could not sync %s after replacing %s", self.folder, self.path.name)
 
     def _remove_stale_copies(self) -> None:
         """Delete half-written copies left by a compaction that was killed.

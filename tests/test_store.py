@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 
+import secure_app.store as store_module
 from helpers import file_size_limit, record_lines
 from secure_app.store import COMPACT_MIN_DEAD, RESERVE, Store, StoreError, encode_line, new_user
 
@@ -216,6 +219,81 @@ def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_
         again.close()
 
 
+def test_power_cut_in_a_write_that_grew_the_file_is_healed(folder, monkeypatch):
+    """Sectors lost past the old end of the file read back as zeros, in the line or the reserve."""
+    monkeypatch.setattr(Store, "reserve", 0)
+    good = seed_two(folder)
+    line = encode_line("carol", user("carol", bio="c" * 3000))
+    torn = line[:512] + b"\0" * 512 + line[1024:] + b" " * 600 + b"\0" * 512 + b" " * 600 + b"\n"
+    with open(folder / "users.jsonl", "ab") as f:
+        f.write(torn)
+    reader = Store(folder)
+    try:
+        assert sorted(reader.keys()) == ["alice", "bob"]
+        reader.update("alice", lambda r: r.update(bio="saved"))  # not refused as hand-edited
+        data = (folder / "users.jsonl").read_bytes()
+        assert data.startswith(good) and b"\0" not in data
+    finally:
+        reader.close()
+
+
+def test_file_replaced_while_in_use_is_noticed_and_never_written_at_the_old_place(folder):
+    seed_two(folder)
+    store = Store(folder)
+    try:
+        assert store.get("alice")["bio"] == "kept"  # read only: no write handle yet
+        restored = folder / "restored"
+        restored.write_bytes(
+            encode_line("alice", user("alice", bio="from the backup")) + b" " * 99 + b"\n"
+        )
+        os.replace(restored, folder / "users.jsonl")  # not a compaction: no mark in the old file
+        before = (folder / "users.jsonl").read_bytes()
+        # The store has not looked at the path yet, but it will not write at
+        # its old offset into a different file.
+        with pytest.raises(StoreError, match="replaced"):
+            store.update("alice", lambda r: r.update(bio="lost?"))
+        assert (folder / "users.jsonl").read_bytes() == before
+        # It looks at once after that, and within RECHECK seconds without it.
+        assert store.get("alice")["bio"] == "from the backup"
+        assert "bob" not in store
+        store.update("alice", lambda r: r.update(bio="after the restore"))
+    finally:
+        store.close()
+    assert Store(folder).get("alice")["bio"] == "after the restore"
+
+
+def test_file_replaced_while_in_use_is_noticed_within_the_recheck_interval(folder, monkeypatch):
+    monkeypatch.setattr(store_module, "RECHECK", 0.3)
+    seed_two(folder)
+    store = Store(folder)
+    try:
+        assert store.get("bob")["bio"] == "kept too"
+        restored = folder / "restored"
+        restored.write_bytes(encode_line("alice", user("alice", bio="from the backup")))
+        os.replace(restored, folder / "users.jsonl")  # not a compaction: no mark in the old file
+        time.sleep(0.35)
+        assert "bob" not in store and store.get("alice")["bio"] == "from the backup"
+    finally:
+        store.close()
+
+
+def test_a_lock_that_fails_for_another_reason_than_a_read_only_folder_is_an_error(
+    folder, monkeypatch
+):
+    seed_two(folder)
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    store = Store(folder)
+    try:
+        with pytest.raises(StoreError, match="cannot lock"):
+            store.get("alice")  # not read without the lock, as a read-only folder would be
+    finally:
+        store.close()
+
+
 def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder):
     folder.mkdir()
     (folder / "users.jsonl").write_bytes(
@@ -330,6 +408,23 @@ def test_delete_forgets_every_version_at_once(store, folder):
         assert not store.delete("alice")
     finally:
         other.close()
+
+
+def test_delete_that_cannot_sync_the_folder_afterwards_still_counts_as_done(
+    store, folder, monkeypatch, caplog
+):
+    """Once the new file is in place the deletion is made: saying otherwise would be false."""
+    store.create("alice", user("alice", bio="secret"))
+    store.create("bob", user("bob"))
+
+    def broken_sync(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(store_module, "_fsync_dir", broken_sync)
+    assert store.delete("alice") is True
+    assert b"secret" not in (folder / "users.jsonl").read_bytes()
+    assert "alice" not in Store(folder)
+    assert "could not sync" in caplog.text
 
 
 def test_compaction_by_another_handle_is_noticed(folder):
