@@ -6,6 +6,12 @@ is the same bytes except the CSRF token values. What it leaves out is exactly
 what the benchmark prices: Talisman's headers, CSRF, the rate limiter, the
 signed session cookie, the server-side session check and the store read.
 
+Its ``POST /login`` does only what no login can skip: read the form, one
+Argon2id verify at secure_app's parameters, and a redirect. Timed over the
+same HTTP path as secure_app's, it prices everything a real login adds to
+the hash (CSRF, the store read and its synced write, the session, the audit
+line) with the HTTP client's own cost cancelled out.
+
 Serve it like the real app: ``gunicorn -c gunicorn.conf.py --pythonpath bench bare_app:app``.
 """
 
@@ -15,7 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, g, render_template
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import VerificationError
+from flask import Blueprint, Flask, abort, g, redirect, render_template, request
 from wtforms import Form, HiddenField
 from wtforms.fields.core import UnboundField
 
@@ -25,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 # The field definitions themselves (labels, validators, widgets) come from secure_app,
 # so the markup cannot drift; only FlaskForm (the CSRF machinery) is left out.
 from secure_app.forms import AccountForm, DeleteAccountForm  # noqa: E402
+from secure_app.passwords import ARGON2_DEFAULTS  # noqa: E402
 
 # Same length and alphabet as a Flask-WTF token, so the pages have the same size.
 FAKE_CSRF = (
@@ -44,6 +53,15 @@ RECORD: dict[str, Any] = {
     "sessions": {"0" * 64: 1700000000},
 }
 PROFILE_FIELDS = ("full_name", "email", "phone", "bio")
+# The bench user's password (bench/http_load.py registers it on secure_app too).
+PASSWORD = "quartz lantern drifts over seven quiet hills"
+HASHER = PasswordHasher(
+    time_cost=ARGON2_DEFAULTS["ARGON2_TIME_COST"],
+    memory_cost=ARGON2_DEFAULTS["ARGON2_MEMORY_COST"],
+    parallelism=ARGON2_DEFAULTS["ARGON2_PARALLELISM"],
+    type=Type.ID,
+)
+PASSWORD_HASH = HASHER.hash(PASSWORD)
 
 
 def _plain_form(form_class: type) -> type[Form]:
@@ -85,13 +103,24 @@ def details() -> str:
     )
 
 
+@auth.route("/login", methods=("GET", "POST"))
+def login():
+    """One Argon2id verify of the posted password, then the same redirect as secure_app's."""
+    if request.method == "GET":
+        return _stub()
+    try:
+        HASHER.verify(PASSWORD_HASH, request.form.get("password", ""))
+    except VerificationError:
+        abort(401)
+    return redirect("/account-details")
+
+
 def _stub() -> str:
     return "stub"
 
 
 # Endpoints the layout and the account page link to, under secure_app's names.
 for bp, rule, name in (
-    (auth, "/login", "login"),
     (auth, "/register", "register"),
     (auth, "/logout", "logout"),
     (auth, "/logout-others", "logout_others"),

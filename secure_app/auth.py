@@ -40,28 +40,27 @@ def _config(key: str) -> Any:
 def load_logged_in_user() -> Response | None:
     """Put the user's record in ``g.user`` if the session is still live on the server."""
     g.user = None
-    uid = session.get("uid")
+    cookie = session._get_current_object()  # type: ignore[attr-defined]  # one context look-up
+    uid = cookie.get("uid")
     if uid is None:
         return None
     now = int(time.time())
+    config = current_app.config
+    idle = int(config["SESSION_IDLE_TIMEOUT"])
     record = get_store().get(uid) if isinstance(uid, str) else None
-    state = sessions.check(
-        session,
-        record,
-        now,
-        int(_config("SESSION_IDLE_TIMEOUT")),
-        int(_config("PERMANENT_SESSION_LIFETIME")),
-    )
+    state = sessions.check(cookie, record, now, idle, int(config["PERMANENT_SESSION_LIFETIME"]))
     if state != "live":
-        session.clear()  # a replayed, ended or expired cookie is anonymous
+        cookie.clear()  # a replayed, ended or expired cookie is anonymous
         if state == "expired" and request.endpoint != "static":
             flash(SESSION_EXPIRED, "info")
             if request.method == "GET":
                 return redirect(url_for("auth.login", next=_here()))
         return None
     g.user = record
-    if session.get("seen") != now:
-        session["seen"] = now
+    # Not every second: a changed cookie must be signed and sent again
+    # (sessions.py explains the bound this puts on the idle timeout).
+    if now - cookie["seen"] >= sessions.seen_refresh(idle):
+        cookie["seen"] = now
     return None
 
 

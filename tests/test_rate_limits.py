@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import requests
 
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
 from secure_app import create_app
 from secure_app.store import get_store
+from servers import Gunicorn
 
 WRONG = "definitely not the right passphrase"
 
@@ -259,3 +261,17 @@ def test_ratelimit_enabled_env_value_reaches_the_limiter(tmp_path, monkeypatch, 
     _login(client, "alice", WRONG)
     expected = 429 if value == "true" else 200
     assert _login(client, "alice", WRONG).status_code == expected
+
+
+@pytest.mark.parametrize("key", ["RATELIMIT_DEFAULT", "RATELIMIT_APPLICATION"])
+def test_app_wide_limit_set_by_the_operator_still_covers_every_page(tmp_path, key):
+    """Flask-Limiter's every-request check is skipped only while no app-wide limit exists.
+
+    A default or application limit (``FLASK_RATELIMIT_DEFAULT``,
+    ``FLASK_RATELIMIT_APPLICATION``) is applied by that check, on routes
+    without a decorator too. A real gunicorn in its own process, because the
+    limiter keeps such limits for the life of the process.
+    """
+    with Gunicorn(tmp_path, env={f"FLASK_{key}": "2 per minute"}) as server:
+        statuses = [requests.get(server.url + "/second", timeout=10).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]

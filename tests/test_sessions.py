@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from itsdangerous import URLSafeTimedSerializer
 from PIL import Image
 
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
-from secure_app import create_app
+from secure_app import create_app, sessions
 from secure_app.auth import SESSION_EXPIRED
 from secure_app.config import KEYS_FILE
 from secure_app.store import get_store
@@ -315,6 +316,57 @@ def test_busy_session_still_ends_at_the_absolute_lifetime(short_app):
     assert response.headers["Location"].startswith("/login?next=")
     assert SESSION_EXPIRED in client.get("/login").get_data(as_text=True)
     assert not _is_logged_in(client)
+
+
+def _set_cookie_headers(response) -> list[str]:
+    return [h for h in response.headers.getlist("Set-Cookie") if h.startswith(COOKIE + "=")]
+
+
+def test_request_within_the_refresh_interval_does_not_reissue_the_cookie(app, logged_in):
+    """``seen`` is refreshed once it is SEEN_REFRESH (60 s) old, not on every request.
+
+    A new ``seen`` means a newly signed cookie in the response: refreshed to
+    the second, nearly every page view re-signed and re-sent the cookie.
+    """
+    assert sessions.seen_refresh(app.config["SESSION_IDLE_TIMEOUT"]) == sessions.SEEN_REFRESH
+    assert logged_in.get("/account-details").status_code == 200  # the page's CSRF value is made
+    _age_cookie(logged_in, 10)
+    before = _decode(app, _cookie(logged_in))["seen"]
+    response = logged_in.get("/account-details")
+    assert response.status_code == 200
+    assert _set_cookie_headers(response) == []  # 10 s old: the same cookie stays
+    assert _decode(app, _cookie(logged_in))["seen"] == before
+    _age_cookie(logged_in, sessions.SEEN_REFRESH)
+    response = logged_in.get("/account-details")
+    assert len(_set_cookie_headers(response)) == 1  # 70 s old: refreshed to now
+    assert _decode(app, _cookie(logged_in))["seen"] >= int(time.time()) - 1
+
+
+def test_idle_timeout_counts_from_the_signed_seen_even_when_it_was_not_refreshed(app, logged_in):
+    """The idle timeout still ends the session: at most SEEN_REFRESH early, never late."""
+    idle = app.config["SESSION_IDLE_TIMEOUT"]
+    assert logged_in.get("/account-details").status_code == 200
+    _age_cookie(logged_in, 30)
+    assert _is_logged_in(logged_in)  # within the refresh interval: seen stays 30 s old
+    _age_cookie(logged_in, idle - 29)  # the last request was idle - 29 s ago, seen idle + 1 s
+    response = logged_in.get("/account-details")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/account-details"
+    assert SESSION_EXPIRED in logged_in.get("/login").get_data(as_text=True)
+    assert not _is_logged_in(logged_in)
+
+
+def test_session_in_use_every_few_minutes_outlives_the_idle_timeout(app, logged_in):
+    idle = app.config["SESSION_IDLE_TIMEOUT"]
+    for _ in range(3 * idle // 600):  # three idle timeouts, a request every ten minutes
+        _age_cookie(logged_in, 600)
+        assert _is_logged_in(logged_in)
+
+
+def test_refresh_interval_stays_a_small_part_of_short_idle_timeouts():
+    assert sessions.seen_refresh(1800) == 60
+    assert sessions.seen_refresh(60) == 2
+    assert sessions.seen_refresh(10) == 1  # never 0: an unchanged seen is not re-signed
 
 
 def test_expired_session_cannot_post_forms(short_app):
