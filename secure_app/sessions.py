@@ -61,8 +61,8 @@ class OnceSerializer(URLSafeTimedSerializer):
     """itsdangerous' URLSafeTimedSerializer, building its signer once instead of per call.
 
     A signer holds only the keys, the salt and the algorithm, so one can
-    serve every request and thread. Used for the session cookie and the
-    CSRF token (``forms.py``); what they sign and accept is unchanged.
+    serve every request and thread. What the session cookie signs and
+    accepts is unchanged.
     """
 
     default_signer = _OnceDerivedSigner
