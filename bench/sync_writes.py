@@ -14,7 +14,9 @@ that noise hits all alike:
   and size (``secure_app.store._identity``, what the store does);
 * ``reserved + pread``: the same with a one-byte ``pread`` (what the store also does).
 
-Prints p50 and mean per way and the ratio to ``reserved``.
+Prints p50 and mean per way and the ratio to ``reserved``; then the
+``reserved`` write again with the CPU kept busy between writes for as long as
+a login's Argon2id hash, as the store's write at login is.
 """
 
 from __future__ import annotations
@@ -96,6 +98,19 @@ def main() -> None:
         mean = statistics.mean(lat)
         print(f"{name:<18} {p50 * 1000:>7.3f} {mean * 1000:>8.3f} {p50 / base:>14.2f}x")
     print(f"kernel {os.uname().release}")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        way = Reserved(Path(tmp) / "gap", None)
+        for gap_ms in (0, 1, 5, 20):
+            lat = []
+            for _ in range(100):
+                until = time.perf_counter() + gap_ms / 1000
+                while time.perf_counter() < until:  # busy, like a hash, not asleep
+                    pass
+                t = time.perf_counter()
+                way.write()
+                lat.append(time.perf_counter() - t)
+            p50 = statistics.median(lat) * 1000
+            print(f"reserved, {gap_ms:>2} ms busy before each write: p50 {p50:.3f} ms")
 
 
 if __name__ == "__main__":
