@@ -54,9 +54,15 @@ from dataclasses import dataclass, field  # noqa: E402
 from urllib.parse import urlencode, urlsplit  # noqa: E402
 
 import requests  # noqa: E402
-from argon2 import PasswordHasher, Type  # noqa: E402
 
-from bench.bare_app import FAKE_CSRF, PASSWORD, PROFILE_FIELDS, RECORD  # noqa: E402
+from bench.bare_app import (  # noqa: E402
+    FAKE_CSRF,
+    HASHER,
+    PASSWORD,
+    PASSWORD_HASH,
+    PROFILE_FIELDS,
+    RECORD,
+)
 from secure_app.passwords import ARGON2_DEFAULTS  # noqa: E402
 from tests.servers import Gunicorn, Redis, redis_server_path  # noqa: E402
 
@@ -238,28 +244,27 @@ class Client:
         return response.status, text
 
 
+def _timed_login(client: Client, form: dict[str, str], app: str) -> float:
+    """Seconds one POST /login takes; it must succeed (a redirect)."""
+    start = time.perf_counter()
+    status, _ = client.request("POST", "/login", form)
+    elapsed = time.perf_counter() - start
+    if status != 302:
+        raise SystemExit(f"{app} login in the login-cost row failed with {status}")
+    return elapsed
+
+
 def _secure_login(client: Client) -> float:
     """One POST /login through the real form, as a new visitor (the form's GET untimed)."""
     client.cookie = ""
     _, page = client.request("GET", "/login")
     form = {"username": USERNAME, "password": PASSWORD, "csrf_token": csrf_of(page)}
-    start = time.perf_counter()
-    status, _ = client.request("POST", "/login", form)
-    elapsed = time.perf_counter() - start
-    if status != 302:
-        raise SystemExit(f"login in the login-cost row failed with {status}")
-    return elapsed
+    return _timed_login(client, form, "secure_app")
 
 
 def _bare_login(client: Client) -> float:
     """One POST /login on the bare app: one verify and a redirect."""
-    form = {"username": USERNAME, "password": PASSWORD}
-    start = time.perf_counter()
-    status, _ = client.request("POST", "/login", form)
-    elapsed = time.perf_counter() - start
-    if status != 302:
-        raise SystemExit(f"bare login failed with {status}")
-    return elapsed
+    return _timed_login(client, {"username": USERNAME, "password": PASSWORD}, "bare app")
 
 
 def warm_threads(login: Callable[[Client], float], base: str, threads: int) -> None:
@@ -296,14 +301,8 @@ def login_cost(secure: str, bare: str, rounds: int, threads: int) -> tuple[float
     login (``warm_threads``); the servers are otherwise idle, and the verify
     runs in this process at the configured cost.
     """
-    hasher = PasswordHasher(
-        time_cost=ARGON2_DEFAULTS["ARGON2_TIME_COST"],
-        memory_cost=ARGON2_DEFAULTS["ARGON2_MEMORY_COST"],
-        parallelism=ARGON2_DEFAULTS["ARGON2_PARALLELISM"],
-        type=Type.ID,
-    )
-    stored = hasher.hash(PASSWORD)
-    hasher.verify(stored, PASSWORD)  # this process's own first verify, untimed
+    # The bare app's hasher and hash: the configured cost, built in one place.
+    HASHER.verify(PASSWORD_HASH, PASSWORD)  # this process's own first verify, untimed
     warm_threads(_secure_login, secure, threads)
     warm_threads(_bare_login, bare, threads)
     c_secure, c_bare = Client(secure), Client(bare)
@@ -312,7 +311,7 @@ def login_cost(secure: str, bare: str, rounds: int, threads: int) -> tuple[float
         logins.append(_secure_login(c_secure))
         bare_logins.append(_bare_login(c_bare))
         start = time.perf_counter()
-        hasher.verify(stored, PASSWORD)
+        HASHER.verify(PASSWORD_HASH, PASSWORD)
         verifies.append(time.perf_counter() - start)
     return statistics.median(logins), statistics.median(bare_logins), statistics.median(verifies)
 
