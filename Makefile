@@ -20,6 +20,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 run: $(VENV)/.installed
+	@echo "secure_app: open http://localhost:$(PORT)"
 	PORT=$(PORT) $(BIN)/gunicorn -c gunicorn.conf.py
 
 test: $(VENV)/.installed-test

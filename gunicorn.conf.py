@@ -20,11 +20,15 @@ worker_class = "gthread"
 #   1: 351 | 114    2: 768 | 193    4: 744 | 202    8: 1021 | 337    16: 1003 | 427
 # One process holds the GIL, so past 8 threads only waiting requests gain
 # (fsync, Argon2id and Pillow release the GIL). The bound is memory: each thread
-# may hold one Argon2id hash (19 MiB) or one 50-megapixel photo being decoded
-# (~150 MiB, 1.6 s of CPU at the limit), so 8 threads cap that at ~1.2 GiB.
+# may hold one Argon2id hash (19 MiB); photo decodes do not run on these
+# threads but on uploads.py's own pool of 2 (at most 2 more queued, the rest
+# refused as busy), each at most ~104 MiB of added RSS and 0.5 s of CPU
+# (bench/uploads.py), so photos add at most ~250 MiB per worker whatever
+# the thread count.
 threads = int(os.environ.get("GUNICORN_THREADS", "8"))
-# The slowest legitimate request is a maximal photo (~1.6 s); the gthread worker
-# beats its heartbeat from its own loop, so 30 s only catches a wedged process.
+# The slowest legitimate request is a photo at its format's limit (~0.5 s of
+# CPU); the gthread worker beats its heartbeat from its own loop, so 30 s only
+# catches a wedged process.
 timeout = 30
 # Lets an in-flight upload or login finish on a restart.
 graceful_timeout = 10
@@ -33,6 +37,13 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
+# Only the app's ProxyFix, with the operator's FLASK_PROXY_HOPS, may believe
+# forwarded headers. gunicorn's own defaults trust X-Forwarded-Proto (and
+# SCRIPT_NAME/PATH_INFO headers) from any client on 127.0.0.1, so anything on
+# the host could make plain http look like https to the app: trust no one here.
+forwarded_allow_ips = ""
+secure_scheme_headers = {}
+forwarder_headers = ""
 accesslog = "-"
 # gunicorn 27's control socket defaults to one shared path in $HOME: two
 # servers on one machine (tests, benchmarks) would fight over it, and the

@@ -4,7 +4,7 @@
 # Serves the app the way `make run` does (gunicorn.conf.py) with
 # FLASK_FORCE_HTTPS=true, twice on free loopback ports: once with TLS (a
 # throwaway self-signed certificate for 127.0.0.1) and once on plain http,
-# which the app itself redirects to the https port (FLASK_HTTPS_PORT). gunicorn
+# which the app itself redirects to its https origin (FLASK_PUBLIC_URL). gunicorn
 # puts TLS on every address it binds, hence two servers. Then it grades both
 # with bench/observatory/scan.mjs, prints each test, and exits non-zero when
 # the score is below OBSERVATORY_MIN_SCORE (135: every bonus a self-hosted
@@ -61,7 +61,7 @@ print(*(s.getsockname()[1] for s in socks))
 serve() { # serve PORT LOG [gunicorn args...]: the app as `make run` serves it, in production mode
   local port=$1 log=$2
   shift 2
-  env FLASK_FORCE_HTTPS=true FLASK_HTTPS_PORT="$https_port" PORT="$port" \
+  env FLASK_FORCE_HTTPS=true FLASK_PUBLIC_URL="https://127.0.0.1:$https_port" PORT="$port" \
     FLASK_DATA_DIR="$tmp/data" FLASK_PHOTO_DIR="$tmp/photos" FLASK_INSTANCE_PATH="$tmp/instance" \
     .venv/bin/gunicorn -c gunicorn.conf.py --no-control-socket "$@" >"$log" 2>&1 &
   pids+=($!)

@@ -15,16 +15,19 @@ from flask import (
     send_from_directory,
     url_for,
 )
+from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.wrappers import Response
 
 from . import audit, sessions, uploads
-from .auth import login_required
+from .auth import login_required, update_own
 from .forms import AccountForm, DeleteAccountForm
-from .store import get_store
+from .security import carries_no_photo, limiter, session_user_key
 
 bp = Blueprint("account", __name__)
 
 PROFILE_FIELDS = ("full_name", "email", "phone", "bio")
+# What a busy server tells the browser to wait before sending the photo again.
+UPLOAD_RETRY_SECONDS = 2
 
 
 def _photo_dir() -> str:
@@ -33,6 +36,14 @@ def _photo_dir() -> str:
 
 @bp.route("/account-details", methods=("GET", "POST"))
 @login_required
+# Decoding a photo is the most expensive thing a user can ask for: bound how
+# often one account may ask (a save without a photo costs nothing here).
+@limiter.limit(
+    lambda: current_app.config["UPLOAD_RATE_LIMIT_USER"],
+    key_func=session_user_key,
+    methods=["POST"],
+    exempt_when=carries_no_photo,
+)
 def details() -> Any:
     """Show the account form prefilled from the store; save valid changes and a new photo."""
     user = g.user
@@ -43,14 +54,16 @@ def details() -> Any:
         if upload is not None and upload.filename:
             try:
                 image = uploads.reencode(uploads.read_limited(upload.stream))
+            except uploads.UploadBusy:
+                # Not the photo's fault: say "try again shortly", keep nothing.
+                audit.event("upload_busy", user["username"])
+                raise ServiceUnavailable(retry_after=UPLOAD_RETRY_SECONDS) from None
             except uploads.UploadRefused as refused:
                 audit.event("upload_refused", user["username"], reason=str(refused))
                 form.photo.errors = [str(refused)]
         if not form.photo.errors:
-            try:
-                _save(user["username"], {f: form[f].data or "" for f in PROFILE_FIELDS}, image)
-            except KeyError:  # the account was deleted from another session meanwhile
-                return redirect(url_for("auth.login"), 303)
+            # An account deleted meanwhile raises RecordGone: the logged-out path (auth.py).
+            _save({f: form[f].data or "" for f in PROFILE_FIELDS}, image)
             flash("Your details have been saved.", "success")
             return redirect(url_for("account.details"), 303)
     status = 422 if form.errors else 200
@@ -64,8 +77,12 @@ def details() -> Any:
     ), status
 
 
-def _save(username: str, fields: dict[str, str], image: bytes | None) -> None:
-    """Store the fields and the photo; the record points to the new photo before the old goes."""
+def _save(fields: dict[str, str], image: bytes | None) -> None:
+    """Store the fields and the photo; the record points to the new photo before the old goes.
+
+    The old photo's name is read inside the store's lock, from the record as
+    it is changed, never from the copy loaded at the start of the request.
+    """
     new_name = uploads.save(image, _photo_dir()) if image is not None else None
     old: list[str | None] = []
 
@@ -76,7 +93,7 @@ def _save(username: str, fields: dict[str, str], image: bytes | None) -> None:
             record["photo"] = new_name
 
     try:
-        get_store().update(username, change)
+        update_own(change)  # only into this session's account, if it still exists
     except BaseException:
         uploads.remove(_photo_dir(), new_name)  # no orphan file when the save fails
         raise
@@ -94,7 +111,7 @@ def remove_photo() -> Response:
         old.append(record.get("photo"))
         record["photo"] = None
 
-    get_store().update(g.user["username"], change)
+    update_own(change)
     uploads.remove(_photo_dir(), old[0])
     flash("Your photo has been removed.", "success")
     return redirect(url_for("account.details"), 303)

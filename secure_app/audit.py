@@ -22,13 +22,19 @@ MAX_USERNAME = 64
 
 
 def init_app(app: Flask) -> None:
-    """Send audit lines to stderr (where gunicorn and log collectors look) unless configured."""
+    """Send audit lines to stderr (where gunicorn and log collectors look) unless configured.
+
+    The lines do not propagate: this logger sits under the app's own logger
+    (``secure_app``), where Flask attaches its text handler the first time
+    anything logs an error, and every event was then written a second time,
+    not as JSON. An operator who wants them elsewhere adds a handler here.
+    """
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.propagate = True
+    logger.propagate = False
 
 
 def event(name: str, username: str | None = None, **details: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from werkzeug.wrappers import Response
 from . import audit, passwords, sessions, uploads
 from .forms import ChangePasswordForm, DeleteAccountForm, LoginForm, RegisterForm
 from .security import limiter, login_failed, login_username_key, session_user_key
-from .store import get_store, new_user
+from .store import Record, RecordGone, get_store, new_user
 
 bp = Blueprint("auth", __name__)
 
@@ -98,8 +99,13 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def _begin_session(username: str, new_hash: str | None = None) -> None:
+def begin_session(username: str, verified_hash: str, new_hash: str | None = None) -> bool:
     """Start a fresh session for ``username`` (prevents session fixation).
+
+    Only if the password is still the one just checked: a login that checked
+    the old password while it was being changed gets no session, and its
+    upgraded hash (``new_hash``) does not overwrite the new one. Returns False,
+    having changed nothing, when the password changed or the account went.
 
     Logging in again in this browser ends its previous session on the server
     too: a copy of the old cookie must not outlive it. For the same user that,
@@ -107,24 +113,70 @@ def _begin_session(username: str, new_hash: str | None = None) -> None:
     """
     old_user = g.user["username"] if g.user is not None else None
     old_sid = session.get("sid", "")
-    if old_user is not None and old_user != username:
-        get_store().update(old_user, lambda r: sessions.end(r, old_sid))
-    session.clear()
     now = int(time.time())
     lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
     sid_box: list[str] = []
 
-    def change(record: dict[str, Any]) -> None:
+    def change(record: Record) -> None:
         if old_user == username:
             sessions.end(record, old_sid)
         if new_hash is not None:
             record["password_hash"] = new_hash
         sid_box.append(sessions.start(record, now, lifetime))
 
-    get_store().update(username, change)
+    try:
+        get_store().update(username, passwords.only_if_unchanged(verified_hash, change))
+    except (passwords.PasswordChanged, RecordGone):
+        return False
+    if old_user is not None and old_user != username:
+        with contextlib.suppress(RecordGone):  # deleted meanwhile: no session left to end
+            get_store().update(old_user, lambda r: sessions.end(r, old_sid))
+    session.clear()
     session["uid"] = username
     session["sid"] = sid_box[0]
     session["seen"] = now
+    return True
+
+
+def for_this_session(
+    change: Callable[[Record], object] | None = None, verified_hash: str | None = None
+) -> Callable[[Record], Any]:
+    """Return a store change that applies ``change`` only while this session is live in the record.
+
+    The record was loaded at the start of the request; by the time of the
+    write it may have been deleted, deleted and registered again by someone
+    else under the same name, or this session ended from another device. Any
+    of those raises :class:`RecordGone` inside the store's lock (the
+    logged-out path, ``account_gone``), so a late write never lands in
+    another account. With ``verified_hash``, the password must also still be
+    the one checked (:func:`passwords.only_if_unchanged`).
+    """
+    cookie = {"sid": session.get("sid"), "seen": session.get("seen")}
+    idle = int(_config("SESSION_IDLE_TIMEOUT"))
+    lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
+    inner = change
+    if verified_hash is not None:
+        inner = passwords.only_if_unchanged(verified_hash, change)
+
+    def guarded(record: Record) -> Any:
+        # Only "ended" counts: a session that timed out during the request was live at its start.
+        if sessions.check(cookie, record, int(time.time()), idle, lifetime) == "ended":
+            raise RecordGone(record.get("username"))
+        return inner(record) if inner is not None else None
+
+    return guarded
+
+
+def update_own(change: Callable[[Record], object], verified_hash: str | None = None) -> Record:
+    """Apply ``change`` to the logged-in user's record, guarded by :func:`for_this_session`."""
+    return get_store().update(g.user["username"], for_this_session(change, verified_hash))
+
+
+@bp.app_errorhandler(RecordGone)
+def account_gone(error: RecordGone) -> Response:
+    """The account vanished during this request (deleted elsewhere): log out, never a 500."""
+    session.clear()
+    return redirect(url_for("auth.login"), 303)
 
 
 def _end_session_response(notice: str) -> Response:
@@ -172,16 +224,20 @@ def login() -> Any:
     if form.validate_on_submit():
         username = form.username.data
         record = get_store().get(username)
+        verified = record["password_hash"] if record else None
         password = form.password.data
-        if passwords.verify_password(record["password_hash"] if record else None, password):
+        changed = False
+        if passwords.verify_password(verified, password):
             new_hash = None
-            if passwords.needs_rehash(record["password_hash"]):
+            if passwords.needs_rehash(verified):
                 new_hash = passwords.hash_password(password)
-            _begin_session(username, new_hash)
-            audit.event("login_success", username)
-            return redirect(target or url_for("account.details"))
+            if begin_session(username, verified, new_hash):
+                audit.event("login_success", username)
+                return redirect(target or url_for("account.details"))
+            changed = True  # the password changed (or the account went) during the check
         g.login_failed = True
-        audit.event("login_failure", username)
+        why = {"reason": "password changed during the check"} if changed else {}
+        audit.event("login_failure", username, **why)
         form.password.errors.append(LOGIN_FAILED)
     elif request.method == "POST":
         g.login_failed = True
@@ -196,7 +252,7 @@ def logout() -> Response:
     """End this session on the server, so a copy of its cookie is worthless."""
     if g.user is not None:
         sid = session.get("sid", "")
-        get_store().update(g.user["username"], lambda r: sessions.end(r, sid))
+        update_own(lambda r: sessions.end(r, sid))
         audit.event("logout", g.user["username"])
     return _end_session_response("logged-out")
 
@@ -206,7 +262,7 @@ def logout() -> Response:
 def logout_others() -> Response:
     """End every session of this user except the current one."""
     sid = session["sid"]
-    get_store().update(g.user["username"], lambda r: sessions.end_others(r, sid))
+    update_own(lambda r: sessions.end_others(r, sid))
     audit.event("logout_others", g.user["username"])
     flash("Every other session has been logged out.", "success")
     return redirect(url_for("account.details"))
@@ -225,26 +281,16 @@ def change_password() -> Any:
     form = ChangePasswordForm()
     username = g.user["username"]
     form.for_username = username
+    verified = g.user["password_hash"]
     if form.validate_on_submit():
-        if not passwords.verify_password(g.user["password_hash"], form.current_password.data):
-            audit.event("password_change_refused", username)
-            form.current_password.errors.append("This is not your current password.")
-        else:
-            new_hash = passwords.hash_password(form.new_password.data)
-            now = int(time.time())
-            lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
-            sid_box: list[str] = []
-
-            def change(r: dict[str, Any]) -> None:
-                r["password_hash"] = new_hash
-                r["sessions"] = {}  # every other device must log in again
-                sid_box.append(sessions.start(r, now, lifetime))
-
-            get_store().update(username, change)
-            session["sid"] = sid_box[0]  # and this one gets a new session id
+        if passwords.verify_password(verified, form.current_password.data) and _set_password(
+            verified, form.new_password.data
+        ):
             audit.event("password_change", username)
             flash("Your password has been changed. Other sessions were logged out.", "success")
             return redirect(url_for("account.details"))
+        audit.event("password_change_refused", username)
+        form.current_password.errors.append("This is not your current password.")
     status = 422 if form.errors else 200
     return render_template("change-password.html", form=form), status
 
@@ -260,13 +306,52 @@ def delete_account() -> Any:
     """Delete the account, its photo and every session, after checking the password."""
     form = DeleteAccountForm()
     username = g.user["username"]
-    if form.validate_on_submit() and passwords.verify_password(
-        g.user["password_hash"], form.password.data
+    verified = g.user["password_hash"]
+    if (
+        form.validate_on_submit()
+        and passwords.verify_password(verified, form.password.data)
+        and _delete(username, verified)
     ):
-        get_store().delete(username)
-        uploads.remove(_config("PHOTO_DIR"), g.user.get("photo"))
         audit.event("account_deleted", username)
         return _end_session_response("account-deleted")
     audit.event("account_delete_refused", username)
     flash("Your account was not deleted: the password was not right.", "error")
     return redirect(url_for("account.details"), 303)
+
+
+def _set_password(verified_hash: str, new_password: str) -> bool:
+    """Store a new password and end every other session; False if the password changed meanwhile."""
+    new_hash = passwords.hash_password(new_password)
+    now = int(time.time())
+    lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
+    sid_box: list[str] = []
+
+    def change(r: Record) -> None:
+        r["password_hash"] = new_hash
+        r["sessions"] = {}  # every other device must log in again
+        sid_box.append(sessions.start(r, now, lifetime))
+
+    try:
+        update_own(change, verified_hash)
+    except passwords.PasswordChanged:
+        return False
+    session["sid"] = sid_box[0]  # and this one gets a new session id
+    return True
+
+
+def _delete(username: str, verified_hash: str) -> bool:
+    """Delete the record, then its photo; False if the password changed meanwhile.
+
+    The photo to remove is read inside the store's lock, from the record as it
+    is deleted: one uploaded from another tab during the password check goes too.
+    """
+    photo: list[str | None] = []
+    check = for_this_session(lambda r: photo.append(r.get("photo")), verified_hash)
+    try:
+        deleted = get_store().delete(username, check)
+    except passwords.PasswordChanged:
+        return False
+    if not deleted:
+        raise RecordGone(username)  # deleted from elsewhere meanwhile: log out
+    uploads.remove(_config("PHOTO_DIR"), photo[0])
+    return True

@@ -1,16 +1,18 @@
-"""``flask`` commands: create a user, rotate the secret key."""
+"""``flask`` commands: create a user, rotate the secret key, prune orphaned photos."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from . import passwords
+from . import passwords, uploads
 from .config import rotate_keys
 from .forms import USERNAME_RE, normalize_username
 from .store import get_store, new_user
@@ -20,6 +22,7 @@ def init_app(app: Flask) -> None:
     """Register the commands. ``with_appcontext`` lets them run from ``app.cli`` too (tests)."""
     app.cli.add_command(create_user)
     app.cli.add_command(rotate_secret_key)
+    app.cli.add_command(prune_photos)
 
 
 def _read_password() -> tuple[str, str]:
@@ -67,3 +70,57 @@ def rotate_secret_key() -> None:
     )
     if "FLASK_SECRET_KEY" in os.environ:
         click.echo("Note: FLASK_SECRET_KEY is set and overrides the key file.", err=True)
+
+
+# uploads.save writes ".upload-<random>.tmp" (tempfile.mkstemp) before renaming it into place.
+UPLOAD_TMP_RE = re.compile(r"\.upload-[A-Za-z0-9_]+\.tmp\Z")
+# A save writes the photo file first and points the record at it a moment
+# later (one store write). A file younger than this may be in that moment.
+PRUNE_GRACE = 3600
+
+
+@click.command("prune-photos")
+@click.option(
+    "--grace",
+    default=PRUNE_GRACE,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Keep files younger than this many seconds: an upload in progress writes its file "
+    "before its record points to it.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@with_appcontext
+def prune_photos(grace: int, dry_run: bool) -> None:
+    """Remove photo files that no record points to, and uploads a crash left half-written."""
+    folder = Path(current_app.config["PHOTO_DIR"])
+    if not folder.is_dir():
+        click.echo(f"No photo folder at {folder}: nothing to prune.")
+        return
+    # Files first, records second. Only a save names a record's photo, and
+    # only with a file it wrote just before: a file already older than the
+    # grace period cannot become a record's photo later. Anything whose name
+    # the server could not have made is not ours and is never touched.
+    cutoff = time.time() - grace
+    candidates = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            ours = uploads.NAME_RE.match(entry.name) or UPLOAD_TMP_RE.match(entry.name)
+            if not ours or not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                candidates.append(entry.name)
+    store = get_store()
+    records = [r for r in (store.get(key) for key in store.keys()) if r is not None]
+    referenced = {r.get("photo") for r in records}
+    orphans = sorted(name for name in candidates if name not in referenced)
+    for name in orphans:
+        if not dry_run:
+            (folder / name).unlink(missing_ok=True)
+        click.echo(f"{'would remove' if dry_run else 'removed'} {name}")
+    verb = "Would remove" if dry_run else "Removed"
+    click.echo(f"{verb} {len(orphans)} file(s) no record points to, in {folder}.")
+    missing = sorted(
+        r["username"] for r in records if r.get("photo") and not (folder / r["photo"]).is_file()
+    )
+    if missing:
+        click.echo(f"Records whose photo file is missing: {', '.join(missing)}", err=True)

@@ -16,19 +16,25 @@ import json
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask
 
 DEFAULTS: dict[str, object] = {
     "DATA_DIR": "data",
     "FORCE_HTTPS": False,
-    # Where the https redirect goes when the TLS listener is not on 443.
-    "HTTPS_PORT": 443,
+    # The site's canonical origin (default http://localhost:$PORT, set in
+    # configure): the https redirect and every absolute link go there.
+    "PUBLIC_URL": None,
     "PROXY_HOPS": 0,
+    # X-Forwarded-Host and -Port from the trusted proxies: only when the
+    # operator says the proxy sets them (PUBLIC_URL makes them unneeded).
+    "TRUST_FORWARDED_HOST": False,
     "LOGIN_RATE_LIMIT_IP": "20 per minute",
     "LOGIN_RATE_LIMIT_USER": "5 per minute",
     "REGISTER_RATE_LIMIT_IP": "10 per hour",
     "CHANGE_PASSWORD_RATE_LIMIT_USER": "5 per minute",
+    "UPLOAD_RATE_LIMIT_USER": "10 per minute",
     "RATELIMIT_STORAGE_URI": "memory://",
     # Retry-After goes on the 429 page only (errors.py). Flask-Limiter's own
     # headers would put it on every response and tell a guesser how many
@@ -46,7 +52,8 @@ DEFAULTS: dict[str, object] = {
     # Werkzeug also checks this against its multipart buffer, which takes the
     # body in 64 KiB reads: at 64 KiB or less every photo over 64 KiB got a 413.
     "MAX_FORM_MEMORY_SIZE": 128 * 1024,
-    "MAX_FORM_PARTS": 32,
+    # The account form has six parts; anything far past that is not our form.
+    "MAX_FORM_PARTS": 16,
     "TEMPLATES_AUTO_RELOAD": False,
 }
 
@@ -73,12 +80,42 @@ def configure(app: Flask, test_config: dict | None) -> None:
     if force_https and app.config["SESSION_COOKIE_NAME"] == "session":
         app.config["SESSION_COOKIE_NAME"] = "__Host-session"
     app.config["PREFERRED_URL_SCHEME"] = "https" if force_https else "http"
+    app.config["PUBLIC_URL"] = public_origin(app.config["PUBLIC_URL"], force_https)
 
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
     if not app.config.get("SECRET_KEY"):
         current, fallbacks = load_keys(Path(app.instance_path))
         app.config["SECRET_KEY"] = current
         app.config["SECRET_KEY_FALLBACKS"] = fallbacks
+
+
+def public_origin(value: object, force_https: bool) -> str:
+    """Return the configured ``PUBLIC_URL`` as a bare origin, refusing one that cannot be.
+
+    The default is ``http://localhost:$PORT``, the address ``make run``
+    prints (passkeys need a host name; an IP address cannot be an RP ID).
+    """
+    url = str(value or f"http://localhost:{os.environ.get('PORT') or 8000}").rstrip("/")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts[2:] != ("", "", "")
+    ):
+        raise RuntimeError(
+            f"FLASK_PUBLIC_URL={url!r} is not an origin such as https://www.example.org"
+        )
+    if force_https and parts.scheme != "https":
+        raise RuntimeError(
+            "FLASK_FORCE_HTTPS=true needs FLASK_PUBLIC_URL=https://<your host>: "
+            "the https redirect and every link go there."
+        )
+    return url
 
 
 def _write_keys(path: Path, keys: list[str], *, replace: bool = True) -> None:

@@ -15,7 +15,7 @@ from .store import StoreError
 
 log = logging.getLogger(__name__)
 
-PAGES = (400, 403, 404, 405, 413, 429, 500, 503)
+PAGES = (400, 403, 404, 405, 413, 415, 429, 500, 503)
 
 
 def init_app(app: Flask) -> None:
@@ -47,9 +47,10 @@ def _http_error(error: HTTPException):
         body, _ = _render(429, seconds=seconds)
         return body, 429, {"Retry-After": str(seconds)}
     body, status = _render(code, description=error.description)
-    # Keep what the status needs (Allow on a 405); our page brings its own Content-Type.
-    allow = [(k, v) for k, v in error.get_headers() if k == "Allow"]
-    return body, status, allow
+    # Keep what the status needs (Allow on a 405, Retry-After on a 503); our
+    # page brings its own Content-Type.
+    kept = [(k, v) for k, v in error.get_headers() if k in ("Allow", "Retry-After")]
+    return body, status, kept
 
 
 def _csrf_error(error: CSRFError) -> tuple[str | Response, int]:

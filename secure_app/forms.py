@@ -40,10 +40,19 @@ _JOINERS = {"\u200c", "\u200d"}
 
 def _no_control_characters(form: FlaskForm, field: StringField) -> None:
     if any(
-        unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in _JOINERS
+        unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") and ch not in _JOINERS
         for ch in field.data or ""
     ):
         raise ValidationError("Remove line breaks and invisible control characters.")
+
+
+def _text_only(form: FlaskForm, field: StringField) -> None:
+    # A lone surrogate is not text: it cannot be encoded into the page that
+    # shows it. Werkzeug's form decoding never makes one; this keeps any other
+    # way in (a future JSON route, a changed parser) from storing one.
+    data = "" if field.data is None else field.data
+    if not isinstance(data, str) or any("\ud800" <= ch <= "\udfff" for ch in data):
+        raise ValidationError("This is not text that can be saved.")
 
 
 def _strong_password(form: FlaskForm, field: PasswordField) -> None:
@@ -122,7 +131,8 @@ class AccountForm(FlaskForm):
         ],
     )
     bio = TextAreaField(
-        "About you", validators=[Length(max=1000, message="Use at most 1000 characters.")]
+        "About you",
+        validators=[Length(max=1000, message="Use at most 1000 characters."), _text_only],
     )
     photo = FileField("Profile photo (JPEG, PNG or WebP, at most 5 MiB)")
 

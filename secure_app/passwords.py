@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -64,6 +66,31 @@ def verify_password(stored_hash: str | None, password: str) -> bool:
         return ext["hasher"].verify(stored_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+class PasswordChanged(Exception):
+    """The stored hash is no longer the one the password was checked against."""
+
+
+def only_if_unchanged(
+    verified_hash: str, change: Callable[[dict[str, Any]], object] | None = None
+) -> Callable[[dict[str, Any]], Any]:
+    """Return a store change that applies ``change`` only while the hash is ``verified_hash``.
+
+    A password check takes ~40 ms of Argon2 on a hash read before it; the
+    password may change meanwhile. Every write that a check allows goes
+    through this compare-and-set, inside the store's lock, so a check of the
+    old password cannot act after the new one is in place: it raises
+    :class:`PasswordChanged`, and the caller treats it as a failed check.
+    Works as ``Store.update``'s change and as ``Store.delete``'s check.
+    """
+
+    def guarded(record: dict[str, Any]) -> Any:
+        if record.get("password_hash") != verified_hash:
+            raise PasswordChanged
+        return change(record) if change is not None else None
+
+    return guarded
 
 
 def needs_rehash(stored_hash: str) -> bool:

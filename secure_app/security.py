@@ -7,15 +7,24 @@ the redirect and HSTS below use only ``request.is_secure`` (which ProxyFix
 sets from exactly ``PROXY_HOPS`` trusted proxies); and it has no
 cross-origin isolation headers.
 
-The https redirect keeps the host, path and query and goes to port
-``HTTPS_PORT`` (``FLASK_HTTPS_PORT``, default 443: no port in the URL), for a
-site whose TLS listener is not on the standard port.
+The https redirect keeps the path and query and goes to the site's own
+origin, ``PUBLIC_URL``, never to the request's Host or ``X-Forwarded-Host``:
+a forged header must not turn the redirect into a link to another site.
+
+Form routes take forms only. Flask-WTF would otherwise read a JSON body as
+the form (``request.get_json()``), whose values are dicts, lists and numbers
+that no field rule was written for; so every body that is not
+``application/x-www-form-urlencoded`` or ``multipart/form-data`` in UTF-8 is
+refused with 415 before CSRF, the limiter's keys or any form look at it.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, current_app, g, redirect, request, session
 from flask_limiter import Limiter
@@ -23,6 +32,7 @@ from flask_limiter.util import get_remote_address
 from flask_talisman import Talisman
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.security import safe_join
 
 from .forms import USERNAME_RE
 from .sessions import vary_on_cookie
@@ -119,8 +129,9 @@ PERMISSIONS_POLICY = {
     )
 }
 HSTS = "max-age=31536000; includeSubDomains"
-# The only form that carries a file; every other body is held to MAX_FORM_MEMORY_SIZE.
-UPLOAD_ENDPOINTS = frozenset({"account.details"})
+# The only form that carries a file, and the one field that may hold it;
+# every other body is held to MAX_FORM_MEMORY_SIZE and may carry no file.
+UPLOAD_FIELDS = {"account.details": frozenset({"photo"})}
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -133,11 +144,20 @@ def init_app(app: Flask) -> None:
     """Install the perimeter on ``app``. Order matters: https first, then body limits, then CSRF."""
     hops = int(app.config["PROXY_HOPS"])
     if hops > 0:
+        # The forwarded host and port only when the operator says the proxy
+        # sets them: a proxy that passes a client's X-Forwarded-Host through
+        # would otherwise let the client choose the host the app believes in.
+        host_hops = hops if app.config["TRUST_FORWARDED_HOST"] else 0
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=host_hops, x_port=host_hops
         )
+    if app.config["FORCE_HTTPS"]:
+        app.before_request(_public_host_check(app.config["PUBLIC_URL"]))
     app.before_request(_require_https)
+    app.before_request(_require_form_body)
     app.before_request(_limit_body)
+    app.before_request(_require_known_parts)
+    app.before_request(_keep_photos_off_static)
     # after_request functions run in reverse order of registration: registered
     # before Talisman, _add_headers runs after it, so the photo CSP replaces
     # Talisman's page CSP instead of being overwritten by it.
@@ -161,16 +181,29 @@ def init_app(app: Flask) -> None:
 
 
 def _https_url() -> str:
-    """This request's URL on the https site: same host, path and query; port ``HTTPS_PORT``."""
-    parts = urlsplit(request.url)
-    host = parts.hostname
-    if not host:  # Werkzeug leaves out a malformed Host header: there is nowhere to send
-        abort(400)
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    port = int(current_app.config["HTTPS_PORT"])
-    netloc = host if port == 443 else f"{host}:{port}"
-    return urlunsplit(("https", netloc, parts.path, parts.query, ""))
+    """This request's path and query on the site's own origin (``PUBLIC_URL``, https)."""
+    query = request.query_string.decode("latin-1")
+    return current_app.config["PUBLIC_URL"] + request.path + ("?" + query if query else "")
+
+
+def _public_host_check(public_url: str) -> Callable[[], None]:
+    """Return a hook that answers 400 to a request for any host but the site's own.
+
+    In production a request that names another host (DNS rebinding, a forged
+    Host meant to poison a link or a cache) is not for this site. Done here
+    rather than with Flask's ``TRUSTED_HOSTS`` so that the refusal is the
+    site's own 400 page. The port is not compared: a proxy may add one.
+    """
+    name, colon, port = urlsplit(public_url).netloc.rpartition(":")
+    if not (colon and port.isdigit()):  # no port, or the end of an IPv6 literal
+        name = name + colon + port
+    allowed = re.compile(re.escape(name.lower()) + r"(?::[0-9]{1,5})?")
+
+    def require_public_host() -> None:
+        if not allowed.fullmatch(request.host.lower()):
+            abort(400)
+
+    return require_public_host
 
 
 def _require_https() -> Response | None:
@@ -182,18 +215,78 @@ def _require_https() -> Response | None:
     return None
 
 
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# Methods whose body nobody reads: no Content-Type rule for them.
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _require_form_body() -> None:
+    """Refuse (415) a body to a form route that is not a UTF-8 web form; see the docstring."""
+    if request.method in _NO_BODY or request.routing_exception is not None:
+        return  # a 404 or 405 is the better answer, given by routing
+    mimetype = request.mimetype
+    if mimetype in FORM_TYPES:
+        charset = request.mimetype_params.get("charset", "utf-8").lower()
+        if charset in ("utf-8", "utf8"):  # Werkzeug decodes forms as UTF-8 whatever is declared
+            return
+    elif (
+        not mimetype
+        and not request.content_length
+        and "chunked" not in (request.headers.get("Transfer-Encoding", "").lower())
+    ):
+        return  # no body at all (a bare POST): CSRF refuses it if it needed a token
+    abort(415)
+
+
 def _limit_body() -> None:
-    """Only the upload form may send megabytes; every other request gets the text-form limit.
+    """Only a multipart upload form may send megabytes; every other body gets the text limit.
 
     Werkzeug applies ``MAX_FORM_MEMORY_SIZE`` to each text part of a multipart
     body but reads an urlencoded body into memory whole, bounded only by
-    ``MAX_CONTENT_LENGTH``. A form without a file is all text, so its whole
-    body gets the text limit (a request over it is refused with 413).
+    ``MAX_CONTENT_LENGTH``. A body that cannot carry a file is all text, so
+    the whole of it gets the text limit (a request over it is refused with 413).
     """
-    if request.method in ("GET", "HEAD") or request.endpoint in UPLOAD_ENDPOINTS:
-        return  # nothing reads a GET body
+    if request.method in _NO_BODY:
+        return  # nothing reads it
+    if request.endpoint in UPLOAD_FIELDS and request.mimetype == "multipart/form-data":
+        return
     limits = (current_app.config["MAX_FORM_MEMORY_SIZE"], current_app.config["MAX_CONTENT_LENGTH"])
     request.max_content_length = min((n for n in limits if n is not None), default=None)
+
+
+def _require_known_parts() -> None:
+    """Refuse (400) a multipart form with a nameless part or a file where no file belongs.
+
+    Werkzeug files a part without a name under the key ``None`` (Flask-WTF's
+    CSRF check then crashes on it), and Flask-WTF hands a text field a file
+    if one is sent under its name (``Length`` then crashes): neither is a
+    form a browser sends from our pages. Runs after ``_limit_body``, which
+    bounds what this parse may read.
+    """
+    if request.method in _NO_BODY or request.mimetype != "multipart/form-data":
+        return
+    allowed = UPLOAD_FIELDS.get(request.endpoint or "", frozenset())
+    if None in request.form or any(name not in allowed for name in request.files):
+        abort(400)
+
+
+def _keep_photos_off_static() -> None:
+    """Serve profile photos only through their own route (its sandbox CSP), never as static files.
+
+    The photo folder lies inside the static folder, and the static route
+    normalises ``images/./profile/x`` and ``images/profile/x/`` to the same
+    file; so any static path that resolves into the photo folder is a 404.
+    """
+    if request.endpoint != "static":
+        return
+    static = current_app.static_folder or ""
+    path = safe_join(static, (request.view_args or {}).get("filename", ""))
+    if path is None:
+        return  # the static route answers 404 itself
+    photos = os.path.realpath(current_app.config["PHOTO_DIR"])
+    real = os.path.realpath(path)
+    if real == photos or real.startswith(photos + os.sep):
+        abort(404)
 
 
 def _add_headers(response: Response) -> Response:
@@ -279,6 +372,12 @@ def login_username_key() -> str:
 
 def session_user_key() -> str:
     return "user:" + str(session.get("uid", "<anonymous>"))
+
+
+def carries_no_photo() -> bool:
+    """An account save counts against the upload limit only when it carries a photo."""
+    photo = request.files.get("photo")
+    return photo is None or not photo.filename
 
 
 def login_failed(response: Response) -> bool:

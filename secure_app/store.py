@@ -36,7 +36,9 @@ How each promise is kept:
 * **Self-healing.** Whoever next reads new bytes or writes, holding the lock,
   turns a torn write after the last good record back into spaces. One write
   leaves at most one line there: more than that was put there some other way,
-  so it is kept and saving is refused until someone looks. Lines in the
+  so it is first copied to a side file (``users.jsonl.foreign-<time>-<random>``)
+  and logged as an error, and saving goes on: nothing is lost, and a stray
+  append cannot take the site down. Lines in the
   middle that are not good records are skipped, never fatal. A file written
   before lines had checksums is read as such and converted at the first write.
 * **O(1) per update.** An update writes one line into the reserved space, and
@@ -106,6 +108,14 @@ RECHECK = 1.0
 
 class StoreError(Exception):
     """A change could not be saved; the stored data is as it was before."""
+
+
+class RecordGone(KeyError):
+    """There is no record for the key (any more): deleted, perhaps by another request meanwhile.
+
+    A ``KeyError``, so code that expects one still works; the app turns it
+    into the logged-out path (``auth.account_gone``) instead of a 500.
+    """
 
 
 def encode_line(key: str, record: Record) -> bytes:
@@ -207,6 +217,10 @@ def _find_statx() -> Callable[..., int] | None:
 
 _STATX = _find_statx()
 _AT_FDCWD, _STATX_INO, _STATX_SIZE = -100, 0x100, 0x200
+# What statx(2) answers where it cannot be used at all, whatever the path:
+# no such call (ENOSYS), a sandbox's refusal (EPERM), or a mask the kernel
+# does not know (EINVAL).
+_STATX_MISSING = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL})
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -219,16 +233,22 @@ def _identity(path: Path) -> tuple[int, int, int]:
     (``bench/sync_writes.py``). ``statx(2)`` asking only for the inode and
     size leaves the file's times alone.
     """
-    if _STATX is None:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino, st.st_size
-    buf = ctypes.create_string_buffer(256)  # struct statx
-    if _STATX(_AT_FDCWD, os.fsencode(path), 0, _STATX_INO | _STATX_SIZE, buf) != 0:
+    global _STATX
+    if _STATX is not None:
+        buf = ctypes.create_string_buffer(256)  # struct statx
+        if _STATX(_AT_FDCWD, os.fsencode(path), 0, _STATX_INO | _STATX_SIZE, buf) == 0:
+            ino, size = struct.unpack_from("=QQ", buf, 32)  # stx_ino, stx_size
+            major, minor = struct.unpack_from("=II", buf, 136)  # stx_dev_major, stx_dev_minor
+            return os.makedev(major, minor), ino, size
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(path))
-    ino, size = struct.unpack_from("=QQ", buf, 32)  # stx_ino, stx_size
-    major, minor = struct.unpack_from("=II", buf, 136)  # stx_dev_major, stx_dev_minor
-    return os.makedev(major, minor), ino, size
+        if code not in _STATX_MISSING:
+            raise OSError(code, os.strerror(code), str(path))
+        # An older kernel, or a seccomp sandbox that forbids the call: stat(2)
+        # gives the same answer, only slower to write after (see above).
+        log.warning("statx(2) is not usable here (%s); using stat(2)", os.strerror(code))
+        _STATX = None
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -465,20 +485,42 @@ class Store:
         """Turn a torn write after the last record back into reserved space.
 
         Only called under the lock, so no writer is live. The file keeps its size.
+        Bytes that no interrupted write leaves (more than one line: appended by
+        hand, or by another program) are first copied to a side file, so that
+        nothing is lost and the site goes on saving.
         """
         if not self._torn:
             return
-        if self._foreign:
-            raise StoreError(
-                f"{self.path} has lines after its last record that no interrupted write"
-                " leaves (was it edited by hand?): they are kept, and saving is refused"
-            )
-        log.warning("discarding a torn write at the end of %s", self.path)
         try:
+            if self._foreign:
+                self._move_aside()
+            else:
+                log.warning("discarding a torn write at the end of %s", self.path)
             _pwrite_all(self._writer(), _reserved(self._size - self._offset), self._offset)
         except OSError as exc:
             raise StoreError(f"cannot repair the database: {exc.strerror}") from exc
-        self._torn = False
+        self._torn = self._foreign = False
+
+    def _move_aside(self) -> None:
+        """Copy the bytes after the last record to a new side file, durably, before they go."""
+        tail = os.pread(self._fd, self._size - self._offset, self._offset)  # type: ignore[arg-type]
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        side = self.folder / f"{self.path.name}.foreign-{stamp}-{secrets.token_hex(4)}"
+        fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _pwrite_all(fd, tail, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.folder)
+        log.error(
+            "%s had %d bytes after its last record that no interrupted write leaves "
+            "(was it edited by hand?): they were moved to %s, and saving goes on. "
+            "Look at that file; records in it were NOT loaded.",
+            self.path,
+            len(tail),
+            side,
+        )
 
     def _writer(self) -> int:
         """Return the write handle, creating the file if there is none yet."""
@@ -614,10 +656,13 @@ class Store:
 
         ``change`` runs inside the lock, so concurrent updates never lose each
         other's work. It may mutate its argument and return ``None``. Returns
-        the saved record. Raises ``KeyError`` if there is no such record.
+        the saved record. Raises :class:`RecordGone` (a ``KeyError``) if there
+        is no such record; ``change`` may raise to refuse, and nothing is saved.
         """
         with self._locked():
-            raw = self._index[key]
+            raw = self._index.get(key)
+            if raw is None:
+                raise RecordGone(key)
             draft = json.loads(raw)["v"]
             result = change(draft)
             new = draft if result is None else result
@@ -627,11 +672,20 @@ class Store:
                 self._maybe_compact()
             return new
 
-    def delete(self, key: str) -> bool:
-        """Remove ``key`` and every earlier version of it from the file, at once."""
+    def delete(self, key: str, check: Callable[[Record], object] | None = None) -> bool:
+        """Remove ``key`` and every earlier version of it from the file, at once.
+
+        Returns False if there is no such record. ``check``, if given, sees a
+        copy of the record inside the lock, just before it goes: it may raise
+        to refuse (nothing is deleted), and what it reads (the photo's name)
+        is what is deleted, not what some earlier read saw.
+        """
         with self._locked():
-            if key not in self._index:
+            raw = self._index.get(key)
+            if raw is None:
                 return False
+            if check is not None:
+                check(json.loads(raw)["v"])
             remaining = dict(self._index)
             del remaining[key]
             self._rewrite(remaining)

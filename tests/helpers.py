@@ -55,6 +55,26 @@ def csrf_token(client, path: str = "/login") -> str:
     return match.group(1) or match.group(2)
 
 
+def route_urls(app: Flask, method: str) -> list[str]:
+    """One URL for every route of ``app`` that answers ``method``, its arguments filled in.
+
+    Read from ``app.url_map``, so a test over these covers routes added later too.
+    """
+    urls = []
+    for rule in app.url_map.iter_rules():
+        if method not in (rule.methods or ()):
+            continue
+        for sample in ("sample", 1):  # a string fits most converters, 1 fits int and path
+            try:
+                built = rule.build(dict.fromkeys(rule.arguments, sample))
+            except ValueError:
+                continue
+            if built is not None:
+                urls.append(built[1])
+                break
+    return urls
+
+
 class AuthActions:
     """Register, log in and log out through the real forms, CSRF token included."""
 

@@ -7,6 +7,7 @@ metadata: if it ever appears in a stored photo, metadata leaked.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zipfile
@@ -197,3 +198,143 @@ def webp_chunks(data: bytes) -> list[bytes]:
         kinds.append(kind)
         pos += 8 + length + (length & 1)
     return kinds
+
+
+# Hostile images that are valid files: small on the wire, expensive to decode.
+# The big ones are cached: building them costs a few hundred MiB once.
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment up to EOI; a scan's end includes its entropy data."""
+    segments, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        marker = data[pos + 1]
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+                end += 1
+        segments.append((marker, pos, end))
+        pos = end
+    return segments
+
+
+@functools.cache
+def jpeg_scan_bomb(size: tuple[int, int] = (2000, 2000), scans: int = 2000) -> bytes:
+    """A progressive JPEG whose last (tiny) AC refinement scan is repeated until ``scans`` scans.
+
+    libjpeg walks every block of the image once per scan, so the cost grows
+    with scans x pixels while the file stays small.
+    """
+    base = Image.new("RGB", size, (90, 140, 200))
+    out = io.BytesIO()
+    base.save(out, "JPEG", quality=90, progressive=True)
+    data = out.getvalue()
+    segments = _jpeg_segments(data)
+    sos = [s for s in segments if s[0] == 0xDA]
+    last = data[sos[-1][1] : sos[-1][2]]
+    extra = last * (scans - len(sos))
+    return data[: sos[-1][2]] + extra + data[sos[-1][2] :]
+
+
+def jpeg_segment_flood(count: int = 200_000) -> bytes:
+    """A small JPEG with ``count`` empty comment segments before its frame header."""
+    data = jpeg((16, 16))
+    return data[:2] + b"\xff\xfe\x00\x02" * count + data[2:]
+
+
+@functools.cache
+def jpeg_large(
+    size: tuple[int, int] = (8660, 5773),
+    mode: str = "RGB",
+    progressive: bool = False,
+    subsampling: int = -1,
+) -> bytes:
+    """A real JPEG of ``size`` (50 megapixels by default), two flat colours, so it stays small."""
+    out = io.BytesIO()
+    extra = {"subsampling": subsampling} if subsampling >= 0 else {}
+    picture(size, mode).save(out, "JPEG", quality=75, progressive=progressive, **extra)
+    return out.getvalue()
+
+
+@functools.cache
+def webp_lossless_bomb(size: tuple[int, int] = (12_000, 4_166)) -> bytes:
+    """A lossless WebP of one colour: about 2 KB for 50 megapixels."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, "WEBP", lossless=True, quality=0, method=0)
+    return out.getvalue()
+
+
+@functools.cache
+def webp_lossy_large(size: tuple[int, int] = (12_000, 4_166)) -> bytes:
+    """A lossy WebP of one colour at the pixel limit."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(out, "WEBP", quality=10, method=0)
+    return out.getvalue()
+
+
+def _riff_chunk(kind: bytes, data: bytes) -> bytes:
+    return kind + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) & 1)
+
+
+def webp_animated(canvas: tuple[int, int] = (4000, 4000), frames: int = 20_000) -> bytes:
+    """An animated WebP: a big canvas and ``frames`` one-pixel lossless frames."""
+    one = webp((1, 1), lossless=True)
+    frame = one[12:]  # the VP8L chunk of a 1x1 image
+    width, height = canvas
+    vp8x = struct.pack("<I", 0x02 | 0x10)[:1] + b"\x00\x00\x00"
+    vp8x += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    body = _riff_chunk(b"VP8X", vp8x) + _riff_chunk(b"ANIM", b"\x00" * 4 + b"\x00\x00")
+    anmf = b"\x00" * 6 + b"\x00" * 6 + (10).to_bytes(3, "little") + b"\x00" + frame
+    body += _riff_chunk(b"ANMF", anmf) * frames
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def png_raw(
+    size: tuple[int, int],
+    *,
+    bit_depth: int = 8,
+    color_type: int = 2,
+    chunk: int = 8192,
+    extra_chunks: int = 0,
+    frames: int = 0,
+    text_bombs: int = 0,
+    transparency: bool = False,
+) -> bytes:
+    """A PNG written by hand: any bit depth and colour type, all-zero pixels, small on the wire.
+
+    ``chunk`` is the IDAT chunk size, ``extra_chunks`` adds that many tiny
+    private chunks before IDAT, and ``frames`` makes it an APNG with that
+    many extra one-pixel frames. ``text_bombs`` adds zTXt chunks of 1 KiB
+    that each inflate to 1 MiB; ``transparency`` adds a tRNS chunk.
+    """
+    width, height = size
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
+    row = 1 + (width * channels * bit_depth + 7) // 8
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(b"\x00" * row) for _ in range(height)) + packer.flush()
+    out = [b"\x89PNG\r\n\x1a\n"]
+    out.append(
+        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+    )
+    if color_type == 3:
+        out.append(_png_chunk(b"PLTE", bytes(range(256)) * 3))
+    if transparency:
+        out.append(_png_chunk(b"tRNS", b"\x00" * {0: 2, 2: 6, 3: 256}[color_type]))
+    out.extend(_png_chunk(b"prIv", b"") for _ in range(extra_chunks))
+    bomb = b"Comment\x00\x00" + zlib.compress(b"a" * (1 << 20), 9)
+    out.extend(_png_chunk(b"zTXt", bomb) for _ in range(text_bombs))
+    seq = 0
+    if frames:
+        out.append(_png_chunk(b"acTL", struct.pack(">II", frames + 1, 0)))
+        out.append(
+            _png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq, width, height, 0, 0, 1, 10, 0, 0))
+        )
+        seq += 1
+    out.extend(_png_chunk(b"IDAT", idat[i : i + chunk]) for i in range(0, len(idat), chunk))
+    tiny = zlib.compress(b"\x00" * (1 + (channels * bit_depth + 7) // 8))
+    for _ in range(frames):
+        out.append(_png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq, 1, 1, 0, 0, 1, 10, 0, 0)))
+        out.append(_png_chunk(b"fdAT", struct.pack(">I", seq + 1) + tiny))
+        seq += 2
+    out.append(_png_chunk(b"IEND", b""))
+    return b"".join(out)

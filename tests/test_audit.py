@@ -19,6 +19,14 @@ AUDIT = "secure_app.audit"
 def audit_log(caplog):
     """The audit lines of this test, parsed; also checks each is exactly one JSON line."""
     caplog.set_level(logging.INFO, logger=AUDIT)
+    # The audit logger does not propagate (audit.py says why): listen on it directly.
+    logging.getLogger(AUDIT).addHandler(caplog.handler)
+    yield lines_of(caplog)
+    logging.getLogger(AUDIT).removeHandler(caplog.handler)
+
+
+def lines_of(caplog):
+    """Return a function that parses the audit lines caplog has seen so far."""
 
     def lines() -> list[dict]:
         parsed = []
@@ -142,3 +150,21 @@ def test_audit_lines_go_to_stderr_by_default(tmp_path):
     line = json.loads(result.stderr.strip().splitlines()[-1])
     assert line["event"] == "login_failure"
     assert line["username"] == "bob" and line["ip"] == "192.0.2.7"
+
+
+def test_each_event_is_one_json_line_after_flask_attaches_its_handler(tmp_path):
+    """Flask adds a text handler to the app's logger on first use; audit lines must not go there."""
+    code = (
+        "from secure_app import create_app, audit\n"
+        f"app = create_app({{'SECRET_KEY': 'k' * 32, 'DATA_DIR': {str(tmp_path)!r},"
+        " 'RATELIMIT_ENABLED': False})\n"
+        "app.logger.error('something failed')  # what a 500 does: Flask attaches its handler\n"
+        "with app.test_request_context('/login', environ_base={'REMOTE_ADDR': '192.0.2.7'}):\n"
+        "    audit.event('login_failure', 'bob')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [line for line in result.stderr.splitlines() if "login_failure" in line]
+    assert len(lines) == 1, result.stderr
+    assert json.loads(lines[0])["username"] == "bob"

@@ -1,11 +1,16 @@
-"""The ``flask`` commands: create-user (piped input, refusals) and rotate-secret-key."""
+"""The ``flask`` commands: create-user (piped input, refusals), rotate-secret-key, prune-photos."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import stat
+import time
+from pathlib import Path
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token
+from images import png
 from secure_app import create_app
 from secure_app.config import KEYS_FILE
 from secure_app.store import get_store
@@ -106,3 +111,102 @@ def test_rotate_secret_key_warns_when_the_environment_overrides_it(tmp_path, mon
     result = app.test_cli_runner().invoke(args=["rotate-secret-key"])
     assert result.exit_code == 0
     assert "FLASK_SECRET_KEY is set and overrides the key file" in result.output
+
+
+# -- prune-photos ------------------------------------------------------------------------------
+
+HOUR = 3600
+
+
+def _upload(client) -> None:
+    response = client.post(
+        "/account-details",
+        data={
+            "full_name": "",
+            "email": "",
+            "phone": "",
+            "bio": "",
+            "photo": (io.BytesIO(png()), "me.png"),
+            "csrf_token": csrf_token(client, "/account-details"),
+        },
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 303
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_prune_photos_removes_only_old_files_no_record_points_to(app, runner, logged_in):
+    _upload(logged_in)
+    folder = Path(app.config["PHOTO_DIR"])
+    kept = folder / _stored(app, "alice")["photo"]  # alice's photo, old but referenced
+    crashed = folder / ("ab" * 16 + ".webp")  # left by a crash between the two steps
+    fresh = folder / ("cd" * 16 + ".webp")  # an upload whose record is about to point to it
+    half = folder / ".upload-k3j_x9q1.tmp"  # a save killed before its rename
+    half_fresh = folder / ".upload-zz8wq01m.tmp"  # a save writing right now
+    foreign = [folder / "README.txt", folder / ("ef" * 16 + ".webp.bak"), folder / "sub"]
+    for path in (crashed, fresh, half, half_fresh, *foreign[:2]):
+        path.write_bytes(b"x")
+    foreign[2].mkdir()
+    (folder / ("01" * 16 + ".webp")).symlink_to(kept)  # a link is not a file the server made
+    for path in (kept, crashed, half, *foreign):
+        _age(path, 2 * HOUR)
+
+    result = runner.invoke(args=["prune-photos"])
+
+    assert result.exit_code == 0, result.output
+    assert not crashed.exists() and not half.exists()
+    assert kept.is_file() and fresh.is_file() and half_fresh.is_file()
+    assert all(path.exists() for path in foreign)
+    assert (folder / ("01" * 16 + ".webp")).is_symlink()
+    assert "Removed 2 file(s)" in result.output
+    assert logged_in.get("/public/images/profile/" + kept.name).status_code == 200
+
+
+def test_prune_photos_grace_and_dry_run(app, runner):
+    folder = Path(app.config["PHOTO_DIR"])
+    folder.mkdir(parents=True)
+    orphan = folder / ("ab" * 16 + ".webp")
+    orphan.write_bytes(b"x")
+    dry = runner.invoke(args=["prune-photos", "--grace", "0", "--dry-run"])
+    assert dry.exit_code == 0
+    assert f"would remove {orphan.name}" in dry.output
+    assert orphan.is_file()
+    assert runner.invoke(args=["prune-photos"]).exit_code == 0
+    assert orphan.is_file()  # younger than the default grace period
+    assert runner.invoke(args=["prune-photos", "--grace", "0"]).exit_code == 0
+    assert not orphan.exists()
+    refused = runner.invoke(args=["prune-photos", "--grace", "-1"])
+    assert refused.exit_code == 2
+
+
+def test_prune_photos_removes_the_photo_of_a_record_deleted_before_its_file(app, runner, logged_in):
+    """What a crash between deleting the record and removing the file leaves behind."""
+    _upload(logged_in)
+    photo = Path(app.config["PHOTO_DIR"]) / _stored(app, "alice")["photo"]
+    with app.app_context():
+        assert get_store().delete("alice")
+    _age(photo, 2 * HOUR)
+    assert logged_in.get("/public/images/profile/" + photo.name).status_code == 200  # still public
+    result = runner.invoke(args=["prune-photos"])
+    assert result.exit_code == 0, result.output
+    assert not photo.exists()
+    assert logged_in.get("/public/images/profile/" + photo.name).status_code == 404
+
+
+def test_prune_photos_reports_records_whose_photo_is_missing(app, runner, logged_in):
+    _upload(logged_in)
+    photo = Path(app.config["PHOTO_DIR"]) / _stored(app, "alice")["photo"]
+    photo.unlink()
+    result = runner.invoke(args=["prune-photos"])
+    assert result.exit_code == 0
+    assert "Records whose photo file is missing: alice" in result.output
+
+
+def test_prune_photos_without_a_photo_folder_does_nothing(app, runner):
+    result = runner.invoke(args=["prune-photos"])
+    assert result.exit_code == 0
+    assert "nothing to prune" in result.output

@@ -180,7 +180,7 @@ def test_token_from_before_login_is_refused_after_login(world):
 def test_https_post_from_another_site_is_refused_by_the_referrer_check(tmp_path):
     # Over https Flask-WTF also requires a same-origin Referer: a token leaked
     # to another site cannot be replayed from a page there.
-    app = make_app(tmp_path, FORCE_HTTPS=True)
+    app = make_app(tmp_path, FORCE_HTTPS=True, PUBLIC_URL="https://localhost")
     client = app.test_client()
     token = csrf_token(client, "/register")
     form = {"username": "mallory", "password": PASSWORD, "confirm": PASSWORD, "csrf_token": token}

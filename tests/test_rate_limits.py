@@ -6,12 +6,14 @@ exactly one app with limits on (building another app would reconfigure it).
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
 import requests
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+import images
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app, stored_bytes
 from secure_app import create_app
 from secure_app.store import get_store
 from servers import Gunicorn
@@ -275,3 +277,32 @@ def test_app_wide_limit_set_by_the_operator_still_covers_every_page(tmp_path, ke
     with Gunicorn(tmp_path, env={f"FLASK_{key}": "2 per minute"}) as server:
         statuses = [requests.get(server.url + "/second", timeout=10).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def _save_details(client, photo: bytes | None, full_name: str = "Alice"):
+    token = csrf_token(client, "/account-details")
+    data = {"csrf_token": token, "full_name": full_name}
+    if photo is not None:
+        data["photo"] = (io.BytesIO(photo), "me.png")
+    return client.post("/account-details", data=data, content_type="multipart/form-data")
+
+
+def test_photo_uploads_are_limited_per_user_and_a_refused_one_stores_nothing(tmp_path):
+    """Decoding is the costliest request a user can make: FLASK_UPLOAD_RATE_LIMIT_USER bounds it."""
+    app = limited_app(tmp_path, UPLOAD_RATE_LIMIT_USER="2 per minute")
+    _register_alice(app)
+    AuthActions(app.test_client()).register("bob")
+    first, second = _logged_in(app), _logged_in(app)  # two sessions of one user share it
+    assert _save_details(first, images.png()).status_code == 303
+    assert _save_details(second, b"not an image at all").status_code == 422  # refused ones count
+    before = stored_bytes(app)
+    refused = _save_details(first, images.png(), full_name="Changed")
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) > 0
+    assert stored_bytes(app) == before
+    # Saving the details without a photo is not an upload, and still works.
+    assert _save_details(second, None, full_name="Changed").status_code == 303
+    # Another user has an allowance of their own.
+    bob = app.test_client()
+    assert _login(bob, "bob", PASSWORD).status_code == 302
+    assert _save_details(bob, images.png()).status_code == 303

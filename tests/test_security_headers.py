@@ -7,6 +7,7 @@ a policy) makes a test here fail.
 
 from __future__ import annotations
 
+import http.client
 import io
 import re
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 from flask import request
 from PIL import Image
 
-from helpers import PASSWORD, csrf_token, make_app
+from helpers import PASSWORD, AuthActions, csrf_token, make_app, stored_bytes
+from secure_app import security
+from servers import Gunicorn
 
 PAGE_CSP = {
     "default-src": {"'none'"},
@@ -214,6 +217,48 @@ def test_photos_get_a_sandboxed_csp_that_loads_nothing(logged_in):
     assert_perimeter(response, csp=PHOTO_CSP)
 
 
+def test_photos_are_never_served_by_the_static_route_under_another_spelling(tmp_path):
+    """The photo folder lies inside the static folder: only the photo route may serve it."""
+    photos = Path(__file__).resolve().parent.parent / "public" / "images" / "profile"
+    app = make_app(tmp_path, PHOTO_DIR=str(photos))
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    token = csrf_token(client, "/account-details")
+    saved = client.post(
+        "/account-details",
+        data={"csrf_token": token, "photo": (io.BytesIO(png_bytes()), "a.png")},
+        content_type="multipart/form-data",
+    )
+    assert saved.status_code == 303
+    name = app.extensions["secure_app.store"].get("alice")["photo"]
+    try:
+        assert (
+            client.get(f"/public/images/profile/{name}").headers["Content-Security-Policy"]
+            == security.PHOTO_CSP
+        )
+        for spelling in (
+            f"/public/images/profile/{name}/",
+            f"/public/images/./profile/{name}",
+            f"/public/images/profile/./{name}",
+            f"/public/images/x/../profile/{name}",
+            f"/public/./images/profile/{name}",
+            f"/public/images//profile/{name}",
+            "/public/images/profile/",
+            "/public/images/profile",
+        ):
+            response = client.get(spelling)
+            assert response.status_code in (404, 308), spelling
+            if response.status_code == 308:  # Werkzeug's own slash redirect: follow it
+                response = client.get(response.headers["Location"])
+            assert (
+                response.status_code == 404
+                or response.headers["Content-Security-Policy"] == security.PHOTO_CSP
+            ), spelling
+    finally:
+        (photos / name).unlink(missing_ok=True)
+
+
 # -- https, HSTS and the session cookie under FORCE_HTTPS ------------------------------
 
 
@@ -223,6 +268,7 @@ def _remote_addr() -> str:
 
 def perimeter_app(tmp_path: Path, **config: object):
     """An app in production mode with a route that shows what the app believes about the client."""
+    config.setdefault("PUBLIC_URL", "https://localhost")
     app = make_app(tmp_path, FORCE_HTTPS=True, **config)
     app.add_url_rule("/_test/remote-addr", "remote_addr", _remote_addr)
     return app
@@ -270,11 +316,90 @@ def test_plain_http_post_is_redirected_and_stores_nothing(tmp_path):
     assert b"mallory" not in stored
 
 
-def test_redirect_goes_to_the_configured_https_port(tmp_path):
-    client = perimeter_app(tmp_path, HTTPS_PORT=8443).test_client()
-    response = client.get("/login?next=/second", base_url="http://127.0.0.1:8080")
+def test_redirect_goes_to_the_public_url_whatever_the_request_said(tmp_path):
+    client = perimeter_app(tmp_path, PUBLIC_URL="https://localhost:8443").test_client()
+    response = client.get("/login?next=/second", base_url="http://localhost:8080")
     assert response.status_code == 301
-    assert response.headers["Location"] == "https://127.0.0.1:8443/login?next=/second"
+    assert response.headers["Location"] == "https://localhost:8443/login?next=/second"
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_forged_x_forwarded_host_does_not_move_the_redirect(tmp_path, hops):
+    """The audit's case: PROXY_HOPS=1, FORCE_HTTPS, X-Forwarded-Host: evil.example."""
+    client = perimeter_app(tmp_path, PROXY_HOPS=hops).test_client()
+    response = client.get(
+        "/second",
+        base_url="http://localhost",
+        headers={"X-Forwarded-Host": "evil.example", "X-Forwarded-Port": "666"},
+    )
+    assert response.status_code == 301
+    assert response.headers["Location"] == "https://localhost/second"
+
+
+def test_forwarded_host_is_believed_only_when_the_operator_says_so_and_must_be_ours(tmp_path):
+    client = perimeter_app(tmp_path, PROXY_HOPS=1, TRUST_FORWARDED_HOST=True).test_client()
+    forged = client.get(
+        "/second", base_url="https://localhost", headers={"X-Forwarded-Host": "evil.example"}
+    )
+    assert forged.status_code == 400
+    assert "Location" not in forged.headers
+    ours = client.get(
+        "/second", base_url="https://127.0.0.1", headers={"X-Forwarded-Host": "localhost"}
+    )
+    assert ours.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "localhost.evil.example", "evil.example:443", "127.0.0.1", "LOCALHOSTX"],
+)
+def test_production_refuses_every_other_host_and_stores_nothing(tmp_path, host):
+    app = perimeter_app(tmp_path)
+    client = app.test_client()
+    token = csrf_token(client, "/register")
+    before = stored_bytes(app)
+    form = {"username": "mallory", "password": PASSWORD, "confirm": PASSWORD, "csrf_token": token}
+    response = client.post("/register", data=form, headers={"Host": host})
+    assert response.status_code == 400
+    assert '<header class="site-header">' in response.get_data(as_text=True)
+    assert stored_bytes(app) == before
+    assert client.get("/second", headers={"Host": "LOCALHOST:8443"}).status_code == 200
+
+
+def test_development_answers_any_host(tmp_path):
+    """Without FORCE_HTTPS (make run on 127.0.0.1), no host check: the address bar decides."""
+    client = make_app(tmp_path).test_client()
+    assert client.get("/second", base_url="http://127.0.0.1:8000").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost",
+        "ftp://localhost",
+        "https://",
+        "https://user:pw@localhost",
+        "https://h/path",
+        "https://h?q=1",
+        "https://h:abc",
+    ],
+)
+def test_a_public_url_that_is_not_an_origin_refuses_to_start(tmp_path, url):
+    with pytest.raises(RuntimeError, match="FLASK_PUBLIC_URL"):
+        make_app(tmp_path, PUBLIC_URL=url)
+
+
+def test_force_https_with_an_http_public_url_refuses_to_start(tmp_path):
+    with pytest.raises(RuntimeError, match="FLASK_PUBLIC_URL=https://"):
+        make_app(tmp_path, FORCE_HTTPS=True, PUBLIC_URL="http://localhost:8000")
+
+
+def test_public_url_defaults_to_localhost_on_the_served_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORT", "8123")
+    assert make_app(tmp_path).config["PUBLIC_URL"] == "http://localhost:8123"
+    assert make_app(tmp_path, PUBLIC_URL="https://example.org/").config["PUBLIC_URL"] == (
+        "https://example.org"
+    )
 
 
 def test_hsts_is_sent_only_over_https(tmp_path):
@@ -335,3 +460,35 @@ def test_malformed_host_header_gets_400_not_a_broken_redirect(tmp_path, host):
     assert response.status_code == 400
     assert "Location" not in response.headers
     assert '<header class="site-header">' in response.get_data(as_text=True)
+
+
+# -- the real server: gunicorn must not decide https before the app does ------------------
+
+
+@pytest.mark.slow
+def test_gunicorn_does_not_believe_a_forwarded_proto_from_a_loopback_client(tmp_path):
+    """gunicorn's defaults trust X-Forwarded-Proto from 127.0.0.1; gunicorn.conf.py trusts none."""
+    env = {
+        "FLASK_FORCE_HTTPS": "true",
+        "FLASK_PROXY_HOPS": "0",
+        "FLASK_PUBLIC_URL": "https://localhost",
+    }
+    with Gunicorn(tmp_path, env=env) as server:
+        for headers in (
+            {"X-Forwarded-Proto": "https"},
+            {"X-Forwarded-Ssl": "on"},
+            {"X-Forwarded-Protocol": "ssl"},
+            {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
+        ):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("GET", "/second", headers={"Host": "localhost", **headers})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            assert response.status == 301, (headers, server.output()[-2000:])
+            assert response.getheader("Location") == "https://localhost/second"
+            assert response.getheader("Strict-Transport-Security") is None
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/second", headers={"Host": "evil.example"})
+        assert conn.getresponse().status == 400  # production answers only its own name
+        conn.close()

@@ -436,7 +436,7 @@ def test_session_cookie_is_httponly_and_samesite(client, auth):
 
 
 def test_session_cookie_is_secure_with_host_prefix_under_force_https(tmp_path):
-    app = make_app(tmp_path, FORCE_HTTPS=True)
+    app = make_app(tmp_path, FORCE_HTTPS=True, PUBLIC_URL="https://localhost")
     client = app.test_client()
     response = client.get("/login", base_url="https://localhost")
     cookie = next(h for h in response.headers.getlist("Set-Cookie") if "session=" in h)

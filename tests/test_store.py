@@ -181,20 +181,86 @@ def test_torn_write_that_grew_the_file_is_discarded(folder, monkeypatch):
     assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
 
 
-def test_lines_after_the_last_record_that_no_write_leaves_are_kept_and_saving_is_refused(folder):
-    """One interrupted write leaves at most one line; more was put there by hand, so keep it."""
+def test_lines_after_the_last_record_that_no_write_leaves_are_moved_aside_and_saving_goes_on(
+    folder, caplog
+):
+    """One interrupted write leaves at most one line; more came another way: keep it aside."""
     seed_two(folder)
-    write_after_records(folder, b'{"k":"eve","v":{}}\n{"k":"eve","v":{"bio":"by hand"}}\n')
-    before = (folder / "users.jsonl").read_bytes()
+    foreign = b'{"k":"eve","v":{}}\n{"k":"eve","v":{"bio":"by hand"}}\n'
+    write_after_records(folder, foreign)
+    data = (folder / "users.jsonl").read_bytes()
+    tail = data[data.index(foreign) :]
     store = Store(folder)
     try:
-        assert sorted(store.keys()) == ["alice", "bob"]  # reading goes on
-        with pytest.raises(StoreError, match="edited by hand"):
-            store.update("alice", lambda r: r.update(bio="new"))
-        assert store.get("alice")["bio"] == "kept"
+        assert sorted(store.keys()) == ["alice", "bob"]
+        store.update("alice", lambda r: r.update(bio="new"))  # saving is not refused
+        assert store.get("alice")["bio"] == "new"
     finally:
         store.close()
-    assert (folder / "users.jsonl").read_bytes() == before
+    (side,) = folder.glob("users.jsonl.foreign-*")
+    assert side.read_bytes() == tail  # every foreign byte kept, byte for byte
+    assert side.stat().st_mode & 0o777 == 0o600
+    assert foreign not in (folder / "users.jsonl").read_bytes()
+    assert "moved to" in caplog.text
+    again = Store(folder)
+    try:
+        assert again.get("alice")["bio"] == "new" and again.get("bob")["bio"] == "kept too"
+    finally:
+        again.close()
+
+
+def test_a_foreign_tail_after_the_reserve_does_not_stop_logins(folder):
+    """Bytes appended after the reserved space (a stray ``>>``) are set aside, not fatal."""
+    seed_two(folder)
+    with open(folder / "users.jsonl", "ab") as f:
+        f.write(b"appended by some other program\nand a second line\n")
+    store = Store(folder)
+    try:
+        assert store.create("carol", user("carol"))
+    finally:
+        store.close()
+    (side,) = folder.glob("users.jsonl.foreign-*")
+    assert side.read_bytes().endswith(b"appended by some other program\nand a second line\n")
+    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
+
+
+def test_statx_that_cannot_be_used_falls_back_to_stat(folder, monkeypatch):
+    """Older kernels and seccomp sandboxes answer statx(2) with ENOSYS, EPERM or EINVAL."""
+    import ctypes
+
+    for code in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+        calls = []
+
+        def refused(*args, code=code, calls=calls):
+            calls.append(args)
+            ctypes.set_errno(code)
+            return -1
+
+        monkeypatch.setattr(store_module, "_STATX", refused)
+        writer, reader = Store(folder), Store(folder)
+        try:
+            writer.create(f"user{code}", user(f"user{code}"))
+            assert reader.get(f"user{code}") is not None  # reads the file: _identity ran
+            writer.update(f"user{code}", lambda r: r.update(bio="seen"))
+            assert reader.get(f"user{code}")["bio"] == "seen"
+        finally:
+            writer.close()
+            reader.close()
+        assert calls, "the fake statx was never asked"
+        assert store_module._STATX is None  # given up after the first refusal
+
+
+def test_statx_errors_about_the_file_itself_are_not_hidden(folder, monkeypatch):
+    import ctypes
+
+    def denied(*args):
+        ctypes.set_errno(errno.EACCES)
+        return -1
+
+    seed_two(folder)
+    monkeypatch.setattr(store_module, "_STATX", denied)
+    with pytest.raises(StoreError, match="Permission denied"):
+        Store(folder).get("alice")
 
 
 def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_write(folder):
@@ -513,3 +579,68 @@ def test_store_used_across_a_fork_does_not_share_its_lock_with_the_parent(folder
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.get("counter") == {"n": 2 * rounds}
     store.close()
+
+
+# -- a record that goes while a request works on it (issue 13, finding 5) -------------------
+
+
+def test_update_of_a_deleted_key_raises_record_gone_and_brings_nothing_back(store, folder):
+    from secure_app.store import RecordGone
+
+    store.create("alice", user("alice"))
+    other = Store(folder)  # another process deletes it
+    assert other.delete("alice")
+    before = (folder / "users.jsonl").read_bytes()
+    with pytest.raises(RecordGone) as gone:
+        store.update("alice", lambda r: r.update(bio="late"))
+    assert isinstance(gone.value, KeyError)  # callers that expect a KeyError still get one
+    assert (folder / "users.jsonl").read_bytes() == before
+    assert "alice" not in store and "alice" not in other
+    other.close()
+
+
+def test_update_whose_change_raises_saves_nothing(store, folder):
+    store.create("alice", user("alice", bio="before"))
+    before = (folder / "users.jsonl").read_bytes()
+
+    def refuse(record: dict) -> None:
+        record["bio"] = "half done"
+        raise LookupError("refused")
+
+    with pytest.raises(LookupError):
+        store.update("alice", refuse)
+    assert (folder / "users.jsonl").read_bytes() == before
+    assert store.get("alice")["bio"] == "before"
+
+
+def test_delete_check_sees_the_record_as_it_is_deleted_not_an_earlier_read(store, folder):
+    store.create("alice", user("alice", photo="old.webp"))
+    assert store.get("alice")["photo"] == "old.webp"  # what a request loaded first
+    other = Store(folder)
+    other.update("alice", lambda r: r.update(photo="new.webp"))  # another tab, meanwhile
+    seen: list[dict] = []
+    assert store.delete("alice", seen.append) is True
+    assert [r["photo"] for r in seen] == ["new.webp"]
+    assert "alice" not in other
+    assert b"new.webp" not in (folder / "users.jsonl").read_bytes()
+    other.close()
+
+
+def test_delete_check_that_raises_deletes_nothing(store, folder):
+    store.create("alice", user("alice"))
+    record = store.get("alice")
+    before = (folder / "users.jsonl").read_bytes()
+
+    def refuse(record: dict) -> None:
+        raise PermissionError("password changed")
+
+    with pytest.raises(PermissionError):
+        store.delete("alice", refuse)
+    assert (folder / "users.jsonl").read_bytes() == before
+    assert store.get("alice") == record
+
+
+def test_delete_of_a_missing_key_returns_false_without_calling_the_check(store):
+    called: list[dict] = []
+    assert store.delete("nobody", called.append) is False
+    assert called == []

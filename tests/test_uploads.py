@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
+import threading
 
 import pytest
 from PIL import Image
 
 import images
+from helpers import csrf_token, stored_bytes
 from secure_app import uploads
 from secure_app.store import StoreError
 
@@ -224,3 +229,240 @@ def test_photo_url_for_a_temporary_upload_file_goes_to_the_photo_view_not_static
         assert endpoint == "account.photo"
     client = app.test_client()
     assert client.get("/public/images/profile/.upload-abc.tmp").status_code == 404
+
+
+# -- bounded cost: every upload up to 5 MiB decodes in bounded memory and CPU -------------------
+
+# Runs in a fresh interpreter: imports and warms every decoder, then reports
+# what one reencode() added to the peak RSS (VmHWM, which sees C allocations;
+# ru_maxrss would start from the parent's peak, which Linux keeps across
+# exec) and the CPU it used. Both are behaviour bounds, not timings.
+MEASURE = """
+import io, json, resource, sys, warnings
+warnings.simplefilter("ignore")
+from PIL import Image
+from secure_app import uploads
+for fmt in ("JPEG", "PNG", "WEBP"):
+    warm = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(warm, fmt)
+    uploads.reencode(warm.getvalue())
+data = open(sys.argv[1], "rb").read()
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+base = peak_kib()
+before = resource.getrusage(resource.RUSAGE_SELF)
+try:
+    uploads.reencode(data)
+    result = "accepted"
+except uploads.UploadRefused as refused:
+    result = str(refused)
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({
+    "rss_mib": (peak_kib() - base) / 1024,
+    "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+    "result": result,
+}))
+"""
+# The targets of issue 13. Accepted files at each format's limit measure at
+# most 104 MiB and 0.5 s (bench/uploads.py); before the fix the refused ones
+# took up to 953 MiB or 81 s of CPU.
+MAX_ADDED_RSS_MIB = 160
+MAX_CPU_S = 2.0
+
+
+def measure(data: bytes, tmp_path) -> dict:
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+# (builder, what must happen: "accepted" or a phrase of the refusal)
+HOSTILE = {
+    # the audit's two: a 50 MP lossless WebP of ~40 bytes; thousands of repeated AC scans
+    "webp-lossless-50mp": (
+        lambda: images.webp_lossless_bomb((12_000, 4_166)),
+        "too large for a WebP",
+    ),
+    "jpeg-3000-scans": (lambda: images.jpeg_scan_bomb((4_000, 4_000), 3_000), "over 32 scans"),
+    # the most a progressive JPEG may have: 32 scans at the coefficient budget
+    "jpeg-32-scans-30mp": (lambda: images.jpeg_scan_bomb((7_000, 4_400), 32), "accepted"),
+    "jpeg-progressive-50mp": (
+        lambda: images.jpeg_large(progressive=True),
+        "too large for a progressive JPEG",
+    ),
+    "jpeg-baseline-50mp": (lambda: images.jpeg_large(), "accepted"),
+    "jpeg-cmyk-50mp": (lambda: images.jpeg_large(mode="CMYK"), "accepted"),
+    "jpeg-cmyk-progressive-11mp": (
+        lambda: images.jpeg_large((3_000, 3_500), mode="CMYK", progressive=True),
+        "accepted",
+    ),
+    "jpeg-comment-flood": (lambda: images.jpeg_segment_flood(1_000_000), "over 1,000 segments"),
+    "png-rgb-50mp": (lambda: images.png_raw((12_000, 4_166)), "too large for a PNG"),
+    "png-rgb-25mp": (lambda: images.png_raw((6_000, 4_190)), "accepted"),
+    "png-16bit-rgba-12mp": (
+        lambda: images.png_raw((3_000, 4_190), bit_depth=16, color_type=6),
+        "accepted",
+    ),
+    "png-16bit-grey-16mp": (
+        lambda: images.png_raw((4_000, 4_190), bit_depth=16, color_type=0),
+        "accepted",
+    ),
+    "png-palette-transparent-11mp": (
+        lambda: images.png_raw((2_600, 4_190), color_type=3, transparency=True),
+        "accepted",
+    ),
+    "png-chunk-flood": (lambda: images.png_raw((64, 64), extra_chunks=300_000), "chunks"),
+    "png-ztxt-bomb": (lambda: images.png_raw((64, 64), text_bombs=64), "read completely"),
+    "apng-4900-frames": (lambda: images.png_raw((2_000, 2_000), frames=4_900), "accepted"),
+    "webp-animated-100k-frames": (
+        lambda: images.webp_animated((2_400, 2_090), 100_000),
+        "over 10,000 chunks",
+    ),
+    "webp-animated-9990-frames": (
+        lambda: images.webp_animated((2_400, 2_090), 9_990),
+        "accepted",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_files_are_refused_or_decoded_within_memory_and_cpu_bounds(name, tmp_path):
+    build, outcome = HOSTILE[name]
+    data = build()
+    assert len(data) <= uploads.MAX_BYTES
+    got = measure(data, tmp_path)
+    assert outcome in got["result"], got
+    assert got["rss_mib"] <= MAX_ADDED_RSS_MIB, got
+    assert got["cpu_s"] <= MAX_CPU_S, got
+
+
+def test_a_jpeg_coded_in_a_way_cameras_do_not_write_is_refused_before_decoding():
+    data = bytearray(images.jpeg((64, 64)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1] = 0xC9  # arithmetic-coded sequential
+    with pytest.raises(uploads.UploadRefused, match="arithmetic"):
+        uploads.reencode(bytes(data))
+
+
+def test_a_real_progressive_jpeg_has_few_scans_and_is_accepted():
+    # libjpeg's own progressive script: the limit leaves room for three times as many.
+    data = images.jpeg((300, 200), progressive=True)
+    assert data.count(b"\xff\xda") <= uploads.MAX_SCANS // 3
+    assert_clean_webp(uploads.reencode(data))
+
+
+def half_clear(mode: str, fmt: str) -> bytes:
+    """A 2000x1000 image, red and opaque on the left, fully transparent on the right."""
+    if mode == "P":  # a palette with one transparent entry (a tRNS chunk)
+        img = Image.new("P", (2_000, 1_000), 0)
+        img.putpalette([255, 0, 0, 0, 0, 255])
+        img.paste(1, (1_000, 0, 2_000, 1_000))
+        extra = {"transparency": 1}
+    else:
+        img = Image.new("RGBA", (2_000, 1_000), (255, 0, 0, 255))
+        img.paste((0, 0, 255, 0), (1_000, 0, 2_000, 1_000))
+        img, extra = img.convert(mode), {"lossless": True}
+    out = io.BytesIO()
+    img.save(out, fmt, **extra)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "WEBP")],
+    ids=["png-rgba", "png-grey-alpha", "png-palette-trns", "webp-lossless-rgba"],
+)
+def test_transparency_survives_the_reduction(mode, fmt):
+    img = assert_clean_webp(uploads.reencode(half_clear(mode, fmt)))
+    assert img.mode == "RGBA" and img.size == (512, 256)
+    assert img.getpixel((384, 128))[3] == 0  # the clear half stays clear
+    left = img.getpixel((128, 128))
+    assert left[3] == 255, left
+    if mode != "LA":
+        assert left[0] > 200 and left[2] < 60, left
+
+
+def test_orientation_is_applied_after_a_large_jpeg_is_decoded_reduced():
+    # 3000x1500 tagged "rotate 90 clockwise": decoded at 1/2 scale, then turned.
+    data = images.jpeg((3_000, 1_500), orientation=images.ROTATE_90_CW)
+    img = assert_clean_webp(uploads.reencode(data)).convert("RGB")
+    assert img.size == (256, 512)
+    red, blue = img.getpixel((128, 64)), img.getpixel((128, 448))
+    assert red[0] > 200 and red[2] < 60, red
+    assert blue[2] > 200 and blue[0] < 60, blue
+
+
+PLACES = uploads.MAX_DECODES + uploads.MAX_WAITING
+
+
+@pytest.fixture
+def all_decode_slots_taken():
+    """Every decode and queue place held, as by uploads still decoding or waiting."""
+    for _ in range(PLACES):
+        assert uploads._admitted.acquire(timeout=10)
+    yield
+    for _ in range(PLACES):
+        uploads._admitted.release()
+
+
+def test_an_upload_that_finds_every_decode_place_taken_is_refused_at_once(all_decode_slots_taken):
+    with pytest.raises(uploads.UploadBusy, match="busy"):
+        uploads.reencode(images.png())
+
+
+def test_a_busy_refusal_is_a_503_with_retry_after_and_stores_nothing(
+    app, logged_in, all_decode_slots_taken
+):
+    before = stored_bytes(app)
+    response = logged_in.post(
+        "/account-details",
+        data={
+            "csrf_token": csrf_token(logged_in, "/account-details"),
+            "full_name": "Changed",
+            "email": "alice@example.org",
+            "photo": (io.BytesIO(images.png()), "me.png", "image/png"),
+        },
+        content_type="multipart/form-data",
+    )
+    # Not the photo's fault: a 503 page that says try again, with Retry-After.
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert "nothing was changed" in response.get_data(as_text=True)
+    assert stored_bytes(app) == before
+
+
+def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
+    # Two decode while two wait their turn: all four succeed, and every decode
+    # ran on the pool's own threads, never more of them than MAX_DECODES.
+    data = images.png((1_500, 1_500))
+    results: list[object] = []
+    start = threading.Barrier(PLACES)
+
+    def one() -> None:
+        start.wait()
+        try:
+            results.append(uploads.reencode(data))
+        except uploads.UploadRefused as refused:
+            results.append(refused)
+
+    workers = [threading.Thread(target=one) for _ in range(PLACES)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert all(isinstance(r, bytes) for r in results), results
+    decoders = [t for t in threading.enumerate() if t.name.startswith("photo-decode")]
+    assert 1 <= len(decoders) <= uploads.MAX_DECODES
+    # Every place came back: the queue is empty again.
+    for _ in range(PLACES):
+        assert uploads._admitted.acquire(blocking=False)
+    for _ in range(PLACES):
+        uploads._admitted.release()
