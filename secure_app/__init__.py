@@ -21,7 +21,19 @@ def create_app(test_config: dict | None = None) -> Flask:
         instance_path=os.environ.get("FLASK_INSTANCE_PATH") or None,
     )
 
-    from . import account, audit, auth, cli, config, errors, pages, passwords, security, store
+    from . import (
+        account,
+        audit,
+        auth,
+        cli,
+        config,
+        errors,
+        pages,
+        passwords,
+        security,
+        store,
+        two_factor,
+    )
     from .sessions import Sha256SessionInterface
 
     config.configure(app, test_config)
@@ -36,4 +48,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(pages.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(account.bp)
+    two_factor.init_app(app)  # after auth: its hooks need g.user
     return app

@@ -22,7 +22,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from . import audit, passwords, sessions, uploads
+from . import audit, mfa, passwords, sessions, uploads
 from .forms import ChangePasswordForm, DeleteAccountForm, LoginForm, RegisterForm
 from .security import limiter, login_failed, login_username_key, session_user_key
 from .store import Record, RecordGone, get_store, new_user
@@ -135,6 +135,7 @@ def begin_session(username: str, verified_hash: str, new_hash: str | None = None
     session["uid"] = username
     session["sid"] = sid_box[0]
     session["seen"] = now
+    session["auth_at"] = now  # reauth.AUTH_AT: the login is a fresh authentication
     return True
 
 
@@ -179,6 +180,28 @@ def account_gone(error: RecordGone) -> Response:
     return redirect(url_for("auth.login"), 303)
 
 
+def _begin_second_step(
+    username: str, verified_hash: str, new_hash: str | None, target: str | None
+) -> Response | None:
+    """Hand a correct password to the second step; None if the password changed meanwhile.
+
+    An upgraded hash is stored now (still a compare-and-set on the one just
+    checked), so the pending login is bound to the hash the record will hold.
+    """
+    from . import two_factor  # two_factor imports this module
+
+    if new_hash is not None:
+        upgrade = passwords.only_if_unchanged(
+            verified_hash, lambda r: r.update(password_hash=new_hash)
+        )
+        try:
+            get_store().update(username, upgrade)
+        except (passwords.PasswordChanged, RecordGone):
+            return None
+        verified_hash = new_hash
+    return two_factor.begin_pending(username, verified_hash, target)
+
+
 def _end_session_response(notice: str) -> Response:
     """Forget the session in this browser too, and say so on the home page.
 
@@ -211,8 +234,10 @@ def register() -> Any:
 
 @bp.route("/login", methods=("GET", "POST"))
 @limiter.limit(lambda: _config("LOGIN_RATE_LIMIT_IP"), methods=["POST"])
-@limiter.limit(
+# Shared with the second step (two_factor.py): a wrong code counts like a wrong password.
+@limiter.shared_limit(
     lambda: _config("LOGIN_RATE_LIMIT_USER"),
+    scope="login-user",
     methods=["POST"],
     key_func=login_username_key,
     deduct_when=login_failed,
@@ -231,7 +256,12 @@ def login() -> Any:
             new_hash = None
             if passwords.needs_rehash(verified):
                 new_hash = passwords.hash_password(password)
-            if begin_session(username, verified, new_hash):
+            if mfa.has_factor(record):
+                # Not logged in yet: the second step starts the session.
+                pending = _begin_second_step(username, verified, new_hash, target)
+                if pending is not None:
+                    return pending
+            elif begin_session(username, verified, new_hash):
                 audit.event("login_success", username)
                 return redirect(target or url_for("account.details"))
             changed = True  # the password changed (or the account went) during the check

@@ -1,4 +1,4 @@
-"""``flask`` commands: create a user, rotate the secret key, prune orphaned photos."""
+"""``flask`` commands: create a user, rotate the keys, prune orphaned photos, reset two-factor."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from . import passwords, uploads
+from . import audit, mfa, passwords, uploads
 from .config import rotate_keys
 from .forms import USERNAME_RE, normalize_username
 from .store import get_store, new_user
@@ -23,6 +23,8 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(create_user)
     app.cli.add_command(rotate_secret_key)
     app.cli.add_command(prune_photos)
+    app.cli.add_command(reset_two_factor)
+    app.cli.add_command(rotate_mfa_key)
 
 
 def _read_password() -> tuple[str, str]:
@@ -124,3 +126,47 @@ def prune_photos(grace: int, dry_run: bool) -> None:
     )
     if missing:
         click.echo(f"Records whose photo file is missing: {', '.join(missing)}", err=True)
+
+
+@click.command("reset-two-factor")
+@click.argument("username")
+@with_appcontext
+def reset_two_factor(username: str) -> None:
+    """Remove every second factor and recovery code of USERNAME, and end all their sessions.
+
+    The way back for a lost phone, once you have confirmed out of band that
+    the person asking is the account's owner (SECURITY.md says how).
+    """
+    username = normalize_username(username)
+
+    def reset(record: dict) -> None:
+        mfa.remove_factors(record)
+        record["sessions"] = {}  # whoever holds the phone or a session is out too
+
+    try:
+        get_store().update(username, reset)
+    except KeyError:
+        raise click.ClickException(f"There is no user {username}.") from None
+    audit.event("two_factor_reset", username, by="operator")
+    click.echo(
+        f"Removed every second factor and recovery code of {username} and ended every "
+        "session. They log in with their password and can enrol again."
+    )
+
+
+@click.command("rotate-mfa-key")
+@with_appcontext
+def rotate_mfa_key() -> None:
+    """Make a new key for second-factor secrets current and re-encrypt every secret with it."""
+    moved, lost = mfa.rotate_key()
+    click.echo(
+        f"A new key for second-factor secrets is current in {current_app.instance_path}; "
+        f"{moved} secret(s) re-encrypted with it. The previous key stays as a fallback. "
+        "Running servers use the new key file from their next request; no restart needed."
+    )
+    if lost:
+        click.echo(
+            f"No key opens the secret of: {', '.join(lost)}. "
+            "They can log in with a recovery code, or need reset-two-factor.",
+            err=True,
+        )

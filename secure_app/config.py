@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,6 +36,10 @@ DEFAULTS: dict[str, object] = {
     "REGISTER_RATE_LIMIT_IP": "10 per hour",
     "CHANGE_PASSWORD_RATE_LIMIT_USER": "5 per minute",
     "UPLOAD_RATE_LIMIT_USER": "10 per minute",
+    # Seconds a login or re-authentication counts as fresh for factor changes (reauth.py).
+    "REAUTH_WINDOW": 300,
+    # Send every logged-in user without a second factor to enrolment first (two_factor.py).
+    "REQUIRE_TWO_FACTOR": False,
     "RATELIMIT_STORAGE_URI": "memory://",
     # Retry-After goes on the 429 page only (errors.py). Flask-Limiter's own
     # headers would put it on every response and tell a guesser how many
@@ -149,15 +154,20 @@ def _new_key() -> str:
     return secrets.token_hex(32)
 
 
-def load_keys(instance: Path) -> tuple[str, list[str]]:
-    """Return ``(current, fallbacks)``, creating the key file on first start."""
-    path = instance / KEYS_FILE
+def load_keys(
+    instance: Path, name: str = KEYS_FILE, new_key: Callable[[], str] = _new_key
+) -> tuple[str, list[str]]:
+    """Return ``(current, fallbacks)``, creating the key file on first start.
+
+    ``name`` and ``new_key`` let another key file (mfa.py's) share this code.
+    """
+    path = instance / name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         data = None  # refused below, with every other malformed file
     except FileNotFoundError:
-        key = _new_key()
+        key = new_key()
         try:
             _write_keys(path, [key], replace=False)
         except FileExistsError:  # another worker created it first: use theirs
@@ -179,8 +189,10 @@ def load_keys(instance: Path) -> tuple[str, list[str]]:
     return current, fallbacks
 
 
-def rotate_keys(instance: Path) -> None:
+def rotate_keys(
+    instance: Path, name: str = KEYS_FILE, new_key: Callable[[], str] = _new_key
+) -> None:
     """Make a new key current and keep only the previous one as a fallback."""
     os.makedirs(instance, mode=0o700, exist_ok=True)
-    current, _ = load_keys(instance)
-    _write_keys(instance / KEYS_FILE, [_new_key(), current])
+    current, _ = load_keys(instance, name, new_key)
+    _write_keys(instance / name, [new_key(), current])

@@ -421,7 +421,7 @@ def test_cookie_holds_only_ids_and_timestamps(app, logged_in):
     )
     logged_in.get("/account-details")
     payload = _decode(app, _cookie(logged_in))
-    assert set(payload) <= {"uid", "sid", "seen", "csrf_token", "_flashes"}
+    assert set(payload) <= {"uid", "sid", "seen", "auth_at", "csrf_token", "_flashes"}
     text = json.dumps(payload)
     for private in ("Liddell", "alice@example.org", "7946", "rabbit", "argon2"):
         assert private not in text

@@ -1,0 +1,646 @@
+"""The second factor through the real handlers: enrol, log in with a code, recover, re-authenticate.
+
+A fake clock (``time.time`` replaced for the whole app: sessions, codes,
+Fernet and the limiter all read it) moves the test from one 30-second step
+to the next without waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import pytest
+from test_fuzz_forms import CHEAP_ARGON2
+
+from helpers import (
+    CSRF_RE,
+    OTHER_PASSWORD,
+    PASSWORD,
+    AuthActions,
+    csrf_token,
+    make_app,
+    stored_bytes,
+)
+from secure_app import mfa
+from secure_app.security import limiter
+from secure_app.store import get_store
+
+START = 1_800_000_010  # 10 s into a 30-second step
+SECRET_RE = re.compile(r'<code id="totp-secret">([A-Z2-7 ]+)</code>')
+ENROLMENT_RE = re.compile(r'name="enrolment" type="hidden" value="([^"]+)"')
+CODES_RE = re.compile(r'<code class="recovery-code">([A-Z0-9-]+)</code>')
+
+
+class Clock:
+    """A stand-in for ``time.time`` that moves only when told."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def next_step(self) -> None:
+        """Move to 1 s into the next 30-second step."""
+        self.now = (int(self.now) // mfa.STEP + 1) * mfa.STEP + 1
+
+    @property
+    def step(self) -> int:
+        return mfa.step_at(self.now)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(time, "time", fake)
+    return fake
+
+
+def two_factor_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config: object):
+    """An app whose keys (secret and MFA) live in ``tmp_path/instance``, not in the repo."""
+    monkeypatch.setenv("FLASK_INSTANCE_PATH", str(tmp_path / "instance"))
+    app = make_app(tmp_path, **{**CHEAP_ARGON2, **config})
+    if config.get("RATELIMIT_ENABLED"):
+        # One limiter per process, and every test starts at the same fake time:
+        # counts from another test's app would still be in its window.
+        with app.app_context():
+            limiter.reset()
+    return app
+
+
+@pytest.fixture
+def audit_events(caplog: pytest.LogCaptureFixture):
+    """The audit events logged so far, parsed (the audit logger does not propagate)."""
+    logger = logging.getLogger("secure_app.audit")
+    caplog.set_level(logging.INFO, "secure_app.audit")
+    logger.addHandler(caplog.handler)
+    yield lambda: [json.loads(r.message) for r in caplog.records if r.name == logger.name]
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+    return two_factor_app(tmp_path, monkeypatch)
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+def post(client, path: str, data: dict | None = None, token_from: str = "/security"):
+    """POST a form to ``path`` with the CSRF token of this session (read from ``token_from``)."""
+    return client.post(path, data={**(data or {}), "csrf_token": csrf_token(client, token_from)})
+
+
+def enrol(client, clock: Clock) -> tuple[str, list[str]]:
+    """Switch TOTP on through /security/totp as a person with an app would; return key and codes."""
+    page = client.get("/security/totp")
+    assert page.status_code == 200, page.headers.get("Location")
+    html = page.get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    response = client.post(
+        "/security/totp",
+        data={
+            "code": mfa.code_at(secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(html).group(1),
+            "csrf_token": next(g for g in CSRF_RE.search(html).groups() if g),
+        },
+    )
+    assert response.status_code == 200
+    codes = CODES_RE.findall(response.get_data(as_text=True))
+    assert len(codes) == 10
+    return secret, codes
+
+
+def second_step(client, code: str):
+    return client.post(
+        "/login/two-factor",
+        data={"code": code, "csrf_token": csrf_token(client, "/login")},
+    )
+
+
+def login_with_code(client, code: str, username: str = "alice", password: str = PASSWORD):
+    first = AuthActions(client).login(username, password)
+    assert first.status_code == 302
+    assert first.headers["Location"] == "/login/two-factor"
+    return second_step(client, code)
+
+
+def who(client) -> str | None:
+    """The username this client is logged in as, or None (asked of a login_required page)."""
+    response = client.get("/account-details")
+    if response.status_code != 200:
+        return None
+    return re.search(r'class="username">([^<]+)<', response.get_data(as_text=True)).group(1)
+
+
+def record(app, username: str = "alice") -> dict:
+    with app.app_context():
+        return get_store().get(username)
+
+
+@pytest.fixture
+def enrolled(app, client, clock):
+    """alice with TOTP on, logged out; returns (secret, recovery codes)."""
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    secret, codes = enrol(client, clock)
+    auth.logout()
+    clock.next_step()  # the code that confirmed enrolment is spent
+    return secret, codes
+
+
+# -- enrolment -----------------------------------------------------------------------
+
+
+def test_enrolment_page_shows_the_secret_and_an_inline_svg_qr(logged_in) -> None:
+    page = logged_in.get("/security/totp")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    assert len(secret) == 32
+    assert '<svg role="img"' in html and "data:" not in html and "<script" not in html
+    assert "otpauth://totp/secure_app:alice?secret=" + secret in html.replace("&amp;", "&")
+    # Nothing is stored until the app's first code is right.
+    assert "totp" not in record(logged_in.application)
+    assert page.headers["Cache-Control"] == "no-store"
+
+
+def test_a_wrong_code_stores_nothing_and_shows_the_same_key_again(logged_in, clock) -> None:
+    app = logged_in.application
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1)
+    before = stored_bytes(app)
+    wrong = f"{(int(mfa.code_at(secret.replace(' ', ''), clock.step)) + 1) % 1_000_000:06d}"
+    for code in (wrong, "", "12345", "١٢٣٤٥٦", "x" * 500):
+        response = logged_in.post(
+            "/security/totp",
+            data={
+                "code": code,
+                "enrolment": ENROLMENT_RE.search(html).group(1),
+                "csrf_token": csrf_token(logged_in, "/security"),
+            },
+        )
+        assert response.status_code == 422
+        assert SECRET_RE.search(response.get_data(as_text=True)).group(1) == secret
+    assert stored_bytes(app) == before
+
+
+def test_an_enrolment_form_for_another_user_or_too_old_is_refused(app, client, clock) -> None:
+    for name in ("alice", "bob"):
+        AuthActions(client).register(name)
+    bob = app.test_client()
+    AuthActions(bob).login("bob")
+    bob_html = bob.get("/security/totp").get_data(as_text=True)
+    bob_secret = SECRET_RE.search(bob_html).group(1).replace(" ", "")
+    AuthActions(client).login("alice")
+    before = stored_bytes(app)
+    response = client.post(
+        "/security/totp",
+        data={
+            "code": mfa.code_at(bob_secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(bob_html).group(1),  # bob's key, offered to alice
+            "csrf_token": csrf_token(client, "/security"),
+        },
+    )
+    assert response.status_code == 422 and stored_bytes(app) == before
+    # bob's own form, answered after ten minutes: expired. Re-authenticate first (stale by now).
+    clock.advance(mfa.ENROL_TTL + 1)
+    post(bob, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    before = stored_bytes(app)
+    response = bob.post(
+        "/security/totp",
+        data={
+            "code": mfa.code_at(bob_secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(bob_html).group(1),
+            "csrf_token": csrf_token(bob, "/security"),
+        },
+    )
+    assert response.status_code == 422 and "expired" in response.get_data(as_text=True)
+    assert stored_bytes(app) == before
+
+
+def test_enrolment_stores_an_encrypted_secret_and_hashed_codes_only(app, enrolled) -> None:
+    secret, codes = enrolled
+    stored = record(app)
+    assert stored["totp"]["last_step"] > 0 and len(stored["recovery_codes"]) == 10
+    raw = b"".join(stored_bytes(app).values())
+    assert secret.encode() not in raw
+    for code in codes:
+        assert code.encode() not in raw and code.replace("-", "").encode() not in raw
+
+
+# -- logging in with the second factor --------------------------------------------------
+
+
+def test_password_alone_logs_nobody_in_for_a_user_with_a_factor(app, client, enrolled) -> None:
+    response = AuthActions(client).login()
+    assert response.headers["Location"] == "/login/two-factor"
+    with client.session_transaction() as cookie:
+        assert "uid" not in cookie and "sid" not in cookie
+        assert set(cookie["pending_2fa"]) == {"u", "h", "t", "n"}
+        assert PASSWORD not in json.dumps(dict(cookie))
+        assert record(app)["password_hash"] not in json.dumps(dict(cookie))
+    for page in ("/account-details", "/security", "/security/totp", "/change-password"):
+        location = client.get(page).headers.get("Location", "")
+        assert location.startswith("/login?next="), page
+    assert record(app)["sessions"] == {}
+
+
+def test_password_then_code_logs_in_with_a_new_session(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    response = login_with_code(client, mfa.code_at(secret, clock.step))
+    assert response.status_code == 302 and response.headers["Location"] == "/account-details"
+    assert who(client) == "alice"
+    assert len(record(app)["sessions"]) == 1
+    with client.session_transaction() as cookie:
+        assert cookie["auth_at"] == int(clock.now) and "pending_2fa" not in cookie
+
+
+def test_next_is_kept_through_the_second_step_but_never_off_site(client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).login(next="/security")
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/security"
+    client.post("/logout", data={"csrf_token": csrf_token(client, "/security")})
+    clock.next_step()
+    AuthActions(client).login(next="//evil.example/")
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/account-details"
+
+
+def test_a_code_is_accepted_once_even_by_another_process(app, tmp_path, clock, enrolled) -> None:
+    secret, _ = enrolled
+    code = mfa.code_at(secret, clock.step)
+    first = app.test_client()
+    assert login_with_code(first, code).status_code == 302
+    # The same code at once, from another browser and from another app process.
+    other_process = make_app(tmp_path, **CHEAP_ARGON2)
+    for client in (app.test_client(), other_process.test_client()):
+        before = stored_bytes(app)
+        response = login_with_code(client, code)
+        assert response.status_code == 422
+        assert who(client) is None
+        assert stored_bytes(app) == before
+    clock.next_step()
+    assert login_with_code(app.test_client(), mfa.code_at(secret, clock.step)).status_code == 302
+
+
+def test_the_code_that_confirmed_enrolment_cannot_log_in(app, client, clock) -> None:
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    secret, _ = enrol(client, clock)
+    auth.logout()
+    response = login_with_code(client, mfa.code_at(secret, clock.step))
+    assert response.status_code == 422 and who(client) is None
+
+
+@pytest.mark.parametrize("offset", [-1, 1, -2, 2])
+def test_codes_of_other_steps_are_refused(client, clock, enrolled, offset) -> None:
+    secret, _ = enrolled
+    clock.next_step()
+    clock.advance(14)
+    response = login_with_code(client, mfa.code_at(secret, clock.step + offset))
+    assert response.status_code == 422 and who(client) is None
+
+
+def test_a_recovery_code_works_once_in_any_case_and_grouping(app, client, clock, enrolled) -> None:
+    _, codes = enrolled
+    typed = codes[3].replace("-", " ").lower()
+    assert login_with_code(client, typed).status_code == 302
+    assert who(client) == "alice"
+    assert len(record(app)["recovery_codes"]) == 9
+    assert "9</strong> unused recovery codes" in client.get("/security").get_data(as_text=True)
+    again = app.test_client()
+    before = stored_bytes(app)
+    assert login_with_code(again, codes[3]).status_code == 422
+    assert who(again) is None and stored_bytes(app) == before
+    assert login_with_code(again, codes[4].replace("-", "")).status_code == 302
+
+
+def test_a_pending_login_expires_after_five_minutes(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).login()
+    clock.advance(301)
+    before = stored_bytes(app)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None and stored_bytes(app) == before
+    with client.session_transaction() as cookie:
+        assert "pending_2fa" not in cookie
+
+
+def test_a_new_password_login_replaces_the_pending_one(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).register("bob", OTHER_PASSWORD)
+    AuthActions(client).login()  # alice: pending
+    assert AuthActions(client).login("bob", OTHER_PASSWORD).headers["Location"] == (
+        "/account-details"
+    )
+    assert who(client) == "bob"
+    # alice's code, sent now, finds no pending login for alice.
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/login"
+    assert who(client) == "bob"
+
+
+def test_a_password_change_kills_a_pending_login(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    AuthActions(client).login()  # pending, bound to this password check
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    response = owner.post(
+        "/change-password",
+        data={
+            "current_password": PASSWORD,
+            "new_password": OTHER_PASSWORD,
+            "confirm": OTHER_PASSWORD,
+            "csrf_token": csrf_token(owner, "/change-password"),
+        },
+    )
+    assert response.status_code == 302
+    clock.next_step()
+    before = stored_bytes(app)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/login"
+    assert who(client) is None and stored_bytes(app) == before
+
+
+def test_a_forged_or_foreign_pending_state_is_refused(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).register("mallory", OTHER_PASSWORD)
+    forgeries = [
+        {"u": "alice", "h": "0" * 64, "t": int(clock.now), "n": ""},  # no password check
+        {"u": "alice", "h": ["x"], "t": int(clock.now), "n": ""},
+        {"u": "alice", "t": int(clock.now)},
+        {"u": "alice", "h": "0" * 64, "t": int(clock.now) + 3600, "n": ""},
+        "alice",
+    ]
+    for forged in forgeries:
+        with client.session_transaction() as cookie:
+            cookie["pending_2fa"] = forged
+        before = stored_bytes(app)
+        response = second_step(client, mfa.code_at(secret, clock.step))
+        assert response.status_code == 303, forged
+        assert who(client) is None and stored_bytes(app) == before
+    # mallory's own pending state (she has no factor) cannot become alice's.
+    mallory = app.test_client()
+    AuthActions(mallory).login("mallory", OTHER_PASSWORD)
+    with mallory.session_transaction() as cookie:
+        assert "pending_2fa" not in cookie
+
+
+def test_a_session_cookie_from_before_the_second_step_is_dead(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    old_cookie = client.get_cookie("session").value
+    clock.next_step()
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    thief = app.test_client()
+    thief.set_cookie("session", old_cookie)
+    assert who(thief) is None
+    assert who(client) == "alice"
+    assert len(record(app)["sessions"]) == 1
+
+
+def test_failures_are_audited_and_count_toward_the_username_limit(
+    tmp_path, monkeypatch, clock, audit_events
+) -> None:
+    app = two_factor_app(
+        tmp_path, monkeypatch, RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT_USER="3 per minute"
+    )
+    client = app.test_client()
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    secret, _ = enrol(client, clock)
+    auth.logout()
+    clock.next_step()
+    attacker = app.test_client()
+    AuthActions(attacker).login()
+    for _ in range(3):
+        assert second_step(attacker, "000000").status_code == 422
+    # The fourth try is refused before the code is looked at, even the right one.
+    response = second_step(attacker, mfa.code_at(secret, clock.step))
+    assert response.status_code == 429 and who(attacker) is None
+    failures = [e for e in audit_events() if e["event"] == "two_factor_failure"]
+    assert len(failures) == 3 and {e["username"] for e in failures} == {"alice"}
+    # The same bucket as the password's per-username limit: /login for alice is held too.
+    assert AuthActions(app.test_client()).login().status_code == 429
+
+
+# -- re-authentication --------------------------------------------------------------------
+
+
+def test_factor_changes_need_a_fresh_authentication(app, logged_in, clock) -> None:
+    clock.advance(299)
+    assert logged_in.get("/security/totp").status_code == 200
+    clock.advance(2)
+    response = logged_in.get("/security/totp")
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/reauthenticate?next=/security/totp"
+    for path in ("/security/totp/disable", "/security/recovery-codes"):
+        before = stored_bytes(app)
+        response = post(logged_in, path)
+        assert response.status_code == 303, path
+        assert response.headers["Location"].startswith("/reauthenticate?next=")
+        assert stored_bytes(app) == before
+
+
+def test_reauthenticate_with_the_password_comes_back_with_a_new_session(
+    app, logged_in, clock
+) -> None:
+    clock.advance(600)
+    old_cookie = logged_in.get_cookie("session").value
+    wrong = post(
+        logged_in,
+        "/reauthenticate?next=/security/totp",
+        {"password": OTHER_PASSWORD},
+        token_from="/reauthenticate",
+    )
+    assert wrong.status_code == 422
+    assert logged_in.get("/security/totp").status_code == 303
+    response = post(
+        logged_in,
+        "/reauthenticate?next=/security/totp",
+        {"password": PASSWORD},
+        token_from="/reauthenticate",
+    )
+    assert response.status_code == 303 and response.headers["Location"] == "/security/totp"
+    assert logged_in.get("/security/totp").status_code == 200
+    thief = app.test_client()
+    thief.set_cookie("session", old_cookie)
+    assert who(thief) is None  # re-authentication ended the session id from before it
+
+
+def test_reauthenticate_refuses_an_off_site_next(logged_in, clock) -> None:
+    clock.advance(600)
+    for target in ("//evil.example", "https://evil.example/", "/\\evil.example"):
+        response = post(
+            logged_in,
+            "/reauthenticate?next=" + target,
+            {"password": PASSWORD},
+            token_from="/reauthenticate",
+        )
+        assert response.headers["Location"] == "/security"
+
+
+def test_reauthenticate_with_a_code_uses_it_up(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    clock.advance(400)
+    code = mfa.code_at(secret, clock.step)
+    response = post(client, "/reauthenticate", {"code": code}, token_from="/reauthenticate")
+    assert response.status_code == 303 and client.get("/security/totp").status_code == 200
+    with client.session_transaction() as cookie:
+        cookie["auth_at"] = 0  # stale again, still within the same 30-second step
+    before = stored_bytes(app)
+    again = post(client, "/reauthenticate", {"code": code}, token_from="/reauthenticate")
+    assert again.status_code == 422 and stored_bytes(app) == before
+    other = app.test_client()
+    assert login_with_code(other, code).status_code == 422  # nor for a login
+
+
+def test_reauthentication_is_rate_limited_per_user(tmp_path, monkeypatch, clock) -> None:
+    app = two_factor_app(
+        tmp_path,
+        monkeypatch,
+        RATELIMIT_ENABLED=True,
+        CHANGE_PASSWORD_RATE_LIMIT_USER="2 per minute",
+    )
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    for _ in range(2):
+        assert (
+            post(client, "/reauthenticate", {"password": "x" * 20}, "/reauthenticate").status_code
+            == 422
+        )
+    refused = post(client, "/reauthenticate", {"password": PASSWORD}, "/reauthenticate")
+    assert refused.status_code == 429
+
+
+# -- recovery codes, disabling ---------------------------------------------------------------
+
+
+def test_regenerating_voids_the_old_set(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    response = post(client, "/security/recovery-codes")
+    assert response.status_code == 200
+    new_codes = CODES_RE.findall(response.get_data(as_text=True))
+    assert len(new_codes) == 10 and not set(new_codes) & set(codes)
+    other = app.test_client()
+    assert login_with_code(other, codes[1]).status_code == 422
+    assert login_with_code(other, new_codes[1]).status_code == 302
+
+
+def test_disabling_deletes_the_secret_and_every_code_at_once(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    response = post(client, "/security/totp/disable")
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    stored = record(app)
+    assert "totp" not in stored and "recovery_codes" not in stored
+    # The password alone logs in again; the old codes are nothing now.
+    other = app.test_client()
+    assert AuthActions(other).login().headers["Location"] == "/account-details"
+    assert "Off:" in other.get("/security").get_data(as_text=True)
+    third = app.test_client()
+    AuthActions(third).login()
+    with third.session_transaction() as cookie:
+        assert "pending_2fa" not in cookie
+
+
+def test_a_stale_disable_goes_to_reauthentication_and_back_to_the_form(
+    app, client, clock, enrolled
+) -> None:
+    _, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    clock.advance(301)
+    before = stored_bytes(app)
+    response = client.post(
+        "/security/totp/disable",
+        data={"csrf_token": csrf_token(client, "/security")},
+        headers={"Referer": "http://localhost/security"},
+    )
+    assert response.headers["Location"] == "/reauthenticate?next=/security"
+    assert stored_bytes(app) == before
+    assert "totp" in record(app)
+
+
+# -- the security page, the gate, the operator ----------------------------------------------------
+
+
+def test_security_page_lists_factors_and_the_ways_to_change_them(client, clock, enrolled) -> None:
+    _, codes = enrolled
+    login_with_code(client, codes[0])
+    html = client.get("/security").get_data(as_text=True)
+    assert "9</strong> unused recovery codes" in html
+    for action in ("/security/recovery-codes", "/security/totp/disable", "/logout-others"):
+        assert f'action="{action}"' in html
+    assert 'href="/change-password"' in html
+
+
+def test_security_page_needs_a_login(client) -> None:
+    assert client.get("/security").headers["Location"] == "/login?next=/security"
+
+
+def test_required_two_factor_sends_users_without_one_to_enrolment(
+    tmp_path, monkeypatch, clock
+) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, REQUIRE_TWO_FACTOR=True)
+    client = app.test_client()
+    auth = AuthActions(client)
+    auth.register()  # anonymous pages stay open
+    assert auth.login().status_code == 302
+    for page in ("/", "/second", "/account-details", "/security", "/change-password"):
+        response = client.get(page)
+        assert response.status_code == 303, page
+        assert response.headers["Location"] == "/security/totp"
+    before = stored_bytes(app)
+    response = client.post(
+        "/account-details",
+        data={"full_name": "Mallory", "csrf_token": csrf_token(client, "/security/totp")},
+    )
+    assert response.status_code == 303 and stored_bytes(app) == before
+    assert client.get("/public/css/site.css").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    _, codes = enrol(client, clock)
+    assert client.get("/account-details").status_code == 200
+    # Logging out stays possible for someone who will not enrol.
+    other = app.test_client()
+    AuthActions(other).register("bob", OTHER_PASSWORD)
+    AuthActions(other).login("bob", OTHER_PASSWORD)
+    response = other.post("/logout", data={"csrf_token": csrf_token(other, "/security/totp")})
+    assert response.status_code == 302 and who(other) is None
+
+
+def test_reset_two_factor_command(app, client, clock, enrolled, audit_events) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    result = app.test_cli_runner().invoke(args=["reset-two-factor", "ALICE"])
+    assert result.exit_code == 0, result.output
+    stored = record(app)
+    assert "totp" not in stored and "recovery_codes" not in stored and stored["sessions"] == {}
+    assert who(client) is None  # every session ended
+    assert [e["username"] for e in audit_events() if e["event"] == "two_factor_reset"] == ["alice"]
+    assert AuthActions(client).login().headers["Location"] == "/account-details"
+    missing = app.test_cli_runner().invoke(args=["reset-two-factor", "nobody"])
+    assert missing.exit_code != 0 and "no user" in missing.output.lower()
+
+
+def test_rotate_mfa_key_command_locks_nobody_out(app, clock, enrolled, tmp_path) -> None:
+    secret, _ = enrolled
+    result = app.test_cli_runner().invoke(args=["rotate-mfa-key"])
+    assert result.exit_code == 0, result.output
+    assert "1" in result.output
+    assert login_with_code(app.test_client(), mfa.code_at(secret, clock.step)).status_code == 302
