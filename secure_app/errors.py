@@ -18,8 +18,25 @@ log = logging.getLogger(__name__)
 PAGES = (400, 403, 404, 405, 413, 415, 429, 500, 503)
 
 
+class OneLine(logging.Filter):
+    """Escape line breaks in a log message, so request data cannot start a forged line.
+
+    Flask logs a crash as "Exception on <path> [<method>]" with the decoded
+    path: a ``%0a`` there wrote a line of the attacker's choosing (one that
+    looked exactly like an audit event) into the same stream.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\n" in message or "\r" in message:
+            record.msg = message.replace("\r", "\\r").replace("\n", "\\n")
+            record.args = None
+        return True
+
+
 def init_app(app: Flask) -> None:
     """Route every HTTP error, CSRF refusal, store failure and crash to a page in the layout."""
+    app.logger.addFilter(OneLine())
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(StoreError, _store_error)

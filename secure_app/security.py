@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from flask import Flask, Response, abort, current_app, g, redirect, request, session
 from flask_limiter import Limiter
@@ -181,9 +181,14 @@ def init_app(app: Flask) -> None:
 
 
 def _https_url() -> str:
-    """This request's path and query on the site's own origin (``PUBLIC_URL``, https)."""
-    query = request.query_string.decode("latin-1")
-    return current_app.config["PUBLIC_URL"] + request.path + ("?" + query if query else "")
+    """This request's path and query on the site's own origin (``PUBLIC_URL``, https).
+
+    The path is percent-encoded again: Werkzeug decoded it, and a ``%0d%0a``
+    in it must not reach the ``Location`` header as a line break.
+    """
+    path = quote(request.path, safe="/:@!$&'()*+,;=~")
+    query = quote(request.query_string.decode("latin-1"), safe="/?:@!$&'()*+,;=~%")
+    return current_app.config["PUBLIC_URL"] + path + ("?" + query if query else "")
 
 
 def _public_host_check(public_url: str) -> Callable[[], None]:
@@ -255,7 +260,7 @@ def _limit_body() -> None:
 
 
 def _require_known_parts() -> None:
-    """Refuse (400) a multipart form with a nameless part or a file where no file belongs.
+    """Refuse (400) a multipart form with a nameless part, or a file where none (or two) belong.
 
     Werkzeug files a part without a name under the key ``None`` (Flask-WTF's
     CSRF check then crashes on it), and Flask-WTF hands a text field a file
@@ -266,7 +271,12 @@ def _require_known_parts() -> None:
     if request.method in _NO_BODY or request.mimetype != "multipart/form-data":
         return
     allowed = UPLOAD_FIELDS.get(request.endpoint or "", frozenset())
-    if None in request.form or any(name not in allowed for name in request.files):
+    files = request.files
+    if None in request.form or any(
+        name not in allowed or len(files.getlist(name)) > 1 for name in files
+    ):
+        # Two parts named "photo": the limiter would look at one (an empty
+        # first part is "no photo") and Flask-WTF decode the other.
         abort(400)
 
 
@@ -376,8 +386,7 @@ def session_user_key() -> str:
 
 def carries_no_photo() -> bool:
     """An account save counts against the upload limit only when it carries a photo."""
-    photo = request.files.get("photo")
-    return photo is None or not photo.filename
+    return not any(photo.filename for photo in request.files.getlist("photo"))
 
 
 def login_failed(response: Response) -> bool:

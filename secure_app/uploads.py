@@ -133,6 +133,7 @@ class _Layout:
 
     end: int | None = None
     scans: int = 0
+    scan_components: int = 0  # the fewest components any scan carries
     sof: int | None = None
     components: list[tuple[int, int]] = field(default_factory=list)  # (h, v) sampling
 
@@ -201,6 +202,9 @@ def _walk_jpeg(data: bytes) -> _Layout:
             layout.scans += 1
             if layout.scans > MAX_SCANS:
                 raise UploadRefused(_UNUSUAL.format("JPEG", f"over {MAX_SCANS} scans"))
+            in_scan = segment[0] if segment else 0
+            first = layout.scans == 1
+            layout.scan_components = in_scan if first else min(layout.scan_components, in_scan)
             found = _JPEG_MARKER.search(data, pos)
             if found is None:
                 return layout
@@ -272,6 +276,17 @@ def _coefficients(size: tuple[int, int], components: list[tuple[int, int]]) -> i
     return total
 
 
+def _buffered(layout: _Layout) -> bool:
+    """Whether libjpeg decodes through a whole-image coefficient buffer.
+
+    It does for every progressive frame, and for a sequential one with more
+    than one scan or a scan that carries fewer than all the components
+    (libjpeg's ``has_multiple_scans``), even when the file holds a single
+    scan: a progressive JPEG cut after its DC scan costs the full buffer.
+    """
+    return layout.sof == 0xC2 or layout.scans > 1 or layout.scan_components < len(layout.components)
+
+
 def _cost(img: Image.Image, layout: _Layout) -> int:
     """Bytes the decode holds at its peak, estimated from the header alone."""
     width, height = img.size
@@ -280,10 +295,10 @@ def _cost(img: Image.Image, layout: _Layout) -> int:
         return pixels * _WEBP_BYTES_PER_PIXEL
     if img.format == "JPEG":
         scaled = pixels * 4 // _jpeg_scale(img.size) ** 2
-        if layout.scans <= 1:
+        if not _buffered(layout):
             return scaled  # decoded a band at a time, at the reduced scale
-        # Progressive or one scan per component: libjpeg keeps every
-        # coefficient of the whole image (2 bytes each) until the last scan.
+        # libjpeg keeps every coefficient of the whole image (2 bytes each)
+        # until the last scan.
         return _coefficients(img.size, layout.components) * 2 + scaled
     stored = _STORED.get(img.mode, 4)
     if _reduce_first(img):

@@ -338,3 +338,55 @@ def png_raw(
         seq += 2
     out.append(_png_chunk(b"IEND", b""))
     return b"".join(out)
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment, a scan's entropy-coded data included."""
+    pos, out = 2, []
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            out.append((marker, pos, pos + 2))
+            break
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:  # the scan's data runs to the next real marker
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] in (0x00, 0xFF) or 0xD0 <= data[end + 1] <= 0xD7:
+                    end += 1
+                    continue
+                break
+        out.append((marker, pos, end))
+        pos = end
+    return out
+
+
+def jpeg_first_scan_only(size: tuple[int, int], mode: str = "RGB", subsampling: int = 0) -> bytes:
+    """A progressive JPEG cut after its first (DC) scan: one scan, yet a whole-image buffer."""
+    out = io.BytesIO()
+    Image.new(mode, size, 128 if mode == "L" else None).save(
+        out, "JPEG", progressive=True, quality=90, subsampling=subsampling
+    )
+    data = out.getvalue()
+    first = next(end for marker, _, end in _jpeg_segments(data) if marker == 0xDA)
+    return data[:first] + b"\xff\xd9"
+
+
+def jpeg_one_component_scan(size: tuple[int, int]) -> bytes:
+    """A baseline 3-component frame whose only scan carries component 1 (non-interleaved)."""
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, "JPEG", quality=90, subsampling=0)
+    data = out.getvalue()
+    _, start, _ = next(s for s in _jpeg_segments(data) if s[0] == 0xDA)
+    length = struct.unpack(">H", data[start + 2 : start + 4])[0]
+    sos = data[start + 4 : start + 2 + length]
+    grey = io.BytesIO()
+    Image.new("L", size, 80).save(grey, "JPEG", quality=90)
+    g = grey.getvalue()
+    segments = _jpeg_segments(g)
+    _, g_start, g_end = next(s for s in segments if s[0] == 0xDA)
+    g_length = struct.unpack(">H", g[g_start + 2 : g_start + 4])[0]
+    tables = b"".join(g[a:b] for marker, a, b in segments if marker in (0xC4, 0xDB))
+    one = bytes([1, sos[1], sos[2], 0, 63, 0])  # Ns=1: component 1 only, full spectrum
+    scan = b"\xff\xda" + struct.pack(">H", 2 + len(one)) + one
+    return data[:start] + tables + scan + g[g_start + 2 + g_length : g_end] + b"\xff\xd9"

@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from flask import abort, g
+from flask import abort, g, request
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -125,6 +126,26 @@ def test_500_page_is_the_layout_and_the_detail_goes_to_the_log(client, caplog):
         assert_layout_page(client.get("/_test/crash"), 500)
     # The operator still gets the traceback, in the log.
     assert SECRET_DETAIL in caplog.text
+
+
+FORGED = '{"event": "login_success", "username": "admin", "ip": "203.0.113.7"}'
+
+
+def _crash_under_test_crash() -> None:
+    if request.path.startswith("/_test/crash/"):  # any path, line breaks included
+        raise RuntimeError(SECRET_DETAIL)
+
+
+def test_a_crash_log_line_cannot_be_split_by_the_path(app, client, caplog):
+    """Flask logs "Exception on <decoded path>": a %0a there must not start a new line."""
+    app.before_request(_crash_under_test_crash)
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/_test/crash/x%0a" + quote(FORGED) + "%0d%0ay")
+    assert_layout_page(response, 500)
+    (record,) = [r for r in caplog.records if "Exception on" in r.getMessage()]
+    message = record.getMessage()
+    assert "\n" not in message and "\r" not in message
+    assert "\\n" + FORGED in message  # kept, escaped, for the operator to read
 
 
 def test_500_falls_back_to_plain_text_when_the_layout_itself_fails(client):

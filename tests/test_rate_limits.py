@@ -306,3 +306,21 @@ def test_photo_uploads_are_limited_per_user_and_a_refused_one_stores_nothing(tmp
     bob = app.test_client()
     assert _login(bob, "bob", PASSWORD).status_code == 302
     assert _save_details(bob, images.png()).status_code == 303
+
+
+def test_a_second_photo_part_cannot_slip_past_the_upload_limit(tmp_path):
+    """An empty first "photo" part looked like "no photo" to the limiter; the second was decoded."""
+    app = limited_app(tmp_path, UPLOAD_RATE_LIMIT_USER="1 per minute")
+    _register_alice(app)
+    client = _logged_in(app)
+    assert _save_details(client, images.png()).status_code == 303
+    before = stored_bytes(app)
+    token = csrf_token(client, "/account-details")
+    data = {
+        "csrf_token": token,
+        "full_name": "Alice",
+        "photo": [(io.BytesIO(b""), ""), (io.BytesIO(images.png()), "me.png")],
+    }
+    response = client.post("/account-details", data=data, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert stored_bytes(app) == before

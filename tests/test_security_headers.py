@@ -402,6 +402,20 @@ def test_public_url_defaults_to_localhost_on_the_served_port(tmp_path, monkeypat
     )
 
 
+@pytest.mark.parametrize(
+    "path", ["/%0d%0a", "/x%0aSet-Cookie:%20a=b", "/%E2%80%A8x", "/a%20b/%25", "/%00"]
+)
+def test_redirect_to_https_never_puts_a_decoded_path_in_location(tmp_path, path):
+    """Werkzeug decodes the path; the redirect must encode it again, never a 500."""
+    client = perimeter_app(tmp_path).test_client()
+    response = client.get(path + "?q=%0a1", base_url="http://localhost")
+    assert response.status_code == 301
+    location = response.headers["Location"]
+    assert location.startswith("https://localhost/")
+    assert all(0x21 <= ord(ch) <= 0x7E for ch in location), location
+    assert location.endswith("?q=%0a1")
+
+
 def test_hsts_is_sent_only_over_https(tmp_path):
     client = perimeter_app(tmp_path).test_client()
     secure = client.get("/", base_url="https://localhost")

@@ -299,6 +299,24 @@ HOSTILE = {
         "too large for a progressive JPEG",
     ),
     "jpeg-baseline-50mp": (lambda: images.jpeg_large(), "accepted"),
+    # one scan, yet libjpeg buffers every coefficient: a progressive frame cut
+    # after its DC scan, and a baseline frame whose only scan has one component
+    "jpeg-progressive-dc-scan-only-cmyk-50mp": (
+        lambda: images.jpeg_first_scan_only((12_000, 4_166), mode="CMYK"),
+        "too large for a progressive JPEG",
+    ),
+    "jpeg-progressive-dc-scan-only-444-50mp": (
+        lambda: images.jpeg_first_scan_only((12_000, 4_166)),
+        "too large for a progressive JPEG",
+    ),
+    "jpeg-baseline-one-component-scan-50mp": (
+        lambda: images.jpeg_one_component_scan((12_000, 4_166)),
+        "too large",
+    ),
+    "jpeg-progressive-dc-scan-only-420-30mp": (
+        lambda: images.jpeg_first_scan_only((7_000, 4_300), subsampling=2),
+        "accepted",
+    ),
     "jpeg-cmyk-50mp": (lambda: images.jpeg_large(mode="CMYK"), "accepted"),
     "jpeg-cmyk-progressive-11mp": (
         lambda: images.jpeg_large((3_000, 3_500), mode="CMYK", progressive=True),
