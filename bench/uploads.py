@@ -98,6 +98,11 @@ CORPUS: dict[str, Callable[[], bytes]] = {
     "jpeg progressive 50mp": lambda: images.jpeg_large(progressive=True),
     "jpeg progressive 4:4:4 50mp": lambda: images.jpeg_large(progressive=True, subsampling=0),
     "jpeg 1M comment segments": lambda: images.jpeg_segment_flood(1_000_000),
+    # found by the live attack: one scan, yet libjpeg buffers every coefficient
+    "jpeg prog DC scan only cmyk 50mp": lambda: images.jpeg_first_scan_only(
+        (12_000, 4_166), mode="CMYK"
+    ),
+    "jpeg 1-component scan 50mp": lambda: images.jpeg_one_component_scan((12_000, 4_166)),
     "png rgba 16-bit 50mp": lambda: images.png_raw((12_000, 4_166), bit_depth=16, color_type=6),
     "png grey 16-bit 50mp": lambda: images.png_raw((12_000, 4_166), bit_depth=16, color_type=0),
     "png palette 50mp": lambda: images.png_raw((12_000, 4_166), color_type=3),
@@ -116,6 +121,9 @@ CORPUS: dict[str, Callable[[], bytes]] = {
         (3_000, 3_500), mode="CMYK", progressive=True
     ),
     "limit: jpeg 12000x2047": lambda: images.jpeg_large((12_000, 2_047)),
+    "limit: jpeg prog DC only 4:2:0 30mp": lambda: images.jpeg_first_scan_only(
+        (7_000, 4_300), subsampling=2
+    ),
     "limit: png rgb 25.1mp": lambda: images.png_raw((6_000, 4_190)),
     "limit: png rgba 16-bit 12.6mp": lambda: images.png_raw(
         (3_000, 4_190), bit_depth=16, color_type=6
