@@ -29,8 +29,11 @@ def create_app(test_config: dict | None = None) -> Flask:
         config,
         errors,
         pages,
+        passkeys,
         passwords,
+        recovery,
         security,
+        security_page,
         store,
         two_factor,
     )
@@ -49,4 +52,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(account.bp)
     two_factor.init_app(app)  # after auth: its hooks need g.user
+    app.register_blueprint(security_page.bp)  # /security/sessions/end
+    recovery.init_app(app)  # mail, /forgot-password, /reset-password, /verify-email
+    passkeys.init_app(app)  # WebAuthn: sign-in, second step, re-authentication; the script's SRI
     return app

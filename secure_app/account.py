@@ -18,7 +18,7 @@ from flask import (
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.wrappers import Response
 
-from . import audit, sessions, uploads
+from . import audit, reauth, recovery, sessions, uploads
 from .auth import login_required, update_own
 from .forms import AccountForm, DeleteAccountForm
 from .security import carries_no_photo, limiter, session_user_key
@@ -26,6 +26,12 @@ from .security import carries_no_photo, limiter, session_user_key
 bp = Blueprint("account", __name__)
 
 PROFILE_FIELDS = ("full_name", "email", "phone", "bio")
+EMAIL_OUTCOMES = {
+    "pending": "We sent a link to your new address: open it to verify the address. "
+    "Until then it is not used to recover your account.",
+    "verified": "Your email address is the verified one again.",
+    "removed": "Your email address was removed; it can no longer be used to recover the account.",
+}
 # What a busy server tells the browser to wait before sending the photo again.
 UPLOAD_RETRY_SECONDS = 2
 
@@ -49,6 +55,14 @@ def details() -> Any:
     user = g.user
     form = AccountForm(data={field: user.get(field, "") for field in PROFILE_FIELDS})
     if form.validate_on_submit():
+        new_email = (form.email.data or "").strip()
+        email_changed = new_email != (user.get("email") or "")
+        if email_changed and not reauth.is_fresh():
+            # The address that receives reset links is a factor's worth of
+            # trust (V7.5.1): confirm it is the owner before anything is saved.
+            flash("To change your email address, confirm it is you, then save again.", "info")
+            target = url_for("reauth.reauthenticate", next=url_for("account.details"))
+            return redirect(target, 303)
         image = None
         upload = form.photo.data
         if upload is not None and upload.filename:
@@ -63,8 +77,11 @@ def details() -> Any:
                 form.photo.errors = [str(refused)]
         if not form.photo.errors:
             # An account deleted meanwhile raises RecordGone: the logged-out path (auth.py).
-            _save({f: form[f].data or "" for f in PROFILE_FIELDS}, image)
+            _save({f: form[f].data or "" for f in PROFILE_FIELDS if f != "email"}, image)
             flash("Your details have been saved.", "success")
+            if email_changed:
+                outcome = recovery.request_email_change(new_email)
+                flash(EMAIL_OUTCOMES[outcome], "info")
             return redirect(url_for("account.details"), 303)
     status = 422 if form.errors else 200
     return render_template(
@@ -72,6 +89,7 @@ def details() -> Any:
         form=form,
         user=user,
         session_count=sessions.count(user),
+        email=recovery.email_status(user),
         # Only rendered here: its token is the page's csrf_token(), checked on POST.
         delete_form=DeleteAccountForm(formdata=None, meta={"csrf": False}),
     ), status

@@ -22,15 +22,25 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from . import audit, mfa, passwords, sessions, uploads
+from . import audit, events, mail, mfa, passwords, sessions, uploads
 from .forms import ChangePasswordForm, DeleteAccountForm, LoginForm, RegisterForm
 from .security import limiter, login_failed, login_username_key, session_user_key
-from .store import Record, RecordGone, get_store, new_user
+from .store import Record, RecordGone, StoreError, get_store, new_user
 
 bp = Blueprint("auth", __name__)
 
 LOGIN_FAILED = "Invalid username or password."
 SESSION_EXPIRED = "Your session has expired. Please log in again."
+# Public files and the login page itself: no redirect to the login page for those.
+# Reset and verification links keep working too: the link in the mail is what the user came for.
+NO_ENDED_REDIRECT = frozenset(
+    {"static", "account.photo", "auth.login", "recovery.reset_password", "recovery.verify_email"}
+)
+SESSION_ENDED = (
+    "You were signed out: this session was ended elsewhere "
+    "(from the security page, a password change or a log-out everywhere else). "
+    "Please log in again."
+)
 
 
 def _config(key: str) -> Any:
@@ -56,13 +66,30 @@ def load_logged_in_user() -> Response | None:
             flash(SESSION_EXPIRED, "info")
             if request.method == "GET":
                 return redirect(url_for("auth.login", next=_here()))
+        elif request.method == "GET" and request.endpoint not in NO_ENDED_REDIRECT:
+            # Ended on the server while this browser still held the cookie: this
+            # browser's own logout clears the cookie, so it never lands here.
+            # Said on the page the browser asked for; a page that needs a login
+            # sends it to the login page, where the message shows.
+            flash(SESSION_ENDED, "info")
         return None
     g.user = record
     # Not every second: a changed cookie must be signed and sent again
     # (sessions.py explains the bound this puts on the idle timeout).
     if now - cookie["seen"] >= sessions.seen_refresh(idle):
         cookie["seen"] = now
+    if sessions.activity_due(record, cookie["sid"], now):
+        _note_activity(uid, cookie["sid"], now)
     return None
+
+
+def _note_activity(username: str, sid: str, now: int) -> None:
+    """Refresh this session's "last active" in the record: one write every few minutes at most."""
+    ip = sessions.clean_ip(request.remote_addr)
+    try:
+        get_store().update(username, lambda r: sessions.touch(r, sid, now, ip))
+    except (RecordGone, StoreError):
+        pass  # only what the security page shows is late; the next request tries again
 
 
 def _here() -> str:
@@ -99,7 +126,9 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def begin_session(username: str, verified_hash: str, new_hash: str | None = None) -> bool:
+def begin_session(
+    username: str, verified_hash: str, new_hash: str | None = None, method: str = "password"
+) -> bool:
     """Start a fresh session for ``username`` (prevents session fixation).
 
     Only if the password is still the one just checked: a login that checked
@@ -109,13 +138,16 @@ def begin_session(username: str, verified_hash: str, new_hash: str | None = None
 
     Logging in again in this browser ends its previous session on the server
     too: a copy of the old cookie must not outlive it. For the same user that,
-    the new session and an upgraded hash are one store write.
+    the new session, an upgraded hash and the sign-in event (``method``: how
+    the user signed in) are one store write. Failed attempts since the last
+    sign-in are shown in a notice (events.py).
     """
     old_user = g.user["username"] if g.user is not None else None
     old_sid = session.get("sid", "")
     now = int(time.time())
     lifetime = int(_config("PERMANENT_SESSION_LIFETIME"))
     sid_box: list[str] = []
+    failed: list[dict[str, Any] | None] = []
 
     def change(record: Record) -> None:
         if old_user == username:
@@ -123,6 +155,7 @@ def begin_session(username: str, verified_hash: str, new_hash: str | None = None
         if new_hash is not None:
             record["password_hash"] = new_hash
         sid_box.append(sessions.start(record, now, lifetime))
+        failed.append(events.login_succeeded(record, method))
 
     try:
         get_store().update(username, passwords.only_if_unchanged(verified_hash, change))
@@ -136,7 +169,37 @@ def begin_session(username: str, verified_hash: str, new_hash: str | None = None
     session["sid"] = sid_box[0]
     session["seen"] = now
     session["auth_at"] = now  # reauth.AUTH_AT: the login is a fresh authentication
+    if failed[0] is not None:
+        flash(events.failure_notice(failed[0]), "info")  # V6.3.5: someone tried the password
     return True
+
+
+def begin_session_without_password(
+    username: str, claim: Callable[[Record], Record | None], method: str
+) -> bool:
+    """Start a session for a user who proved who they are without a password (a passkey).
+
+    ``claim`` is the compare-and-set on what was verified, run inside the
+    store's lock: it returns the changed record (the passkey's new sign count),
+    or None to refuse, having changed nothing (the passkey was removed or used
+    meanwhile). The session then starts as :func:`begin_session` starts one,
+    bound to the password hash that the claim saw: a password change in
+    between refuses it too. Returns False when refused.
+    """
+    seen: list[str] = []
+
+    def change(record: Record) -> Record:
+        claimed = claim(record)
+        if claimed is None:
+            return record  # unchanged: nothing is written
+        seen.append(claimed["password_hash"])
+        return claimed
+
+    try:
+        get_store().update(username, change)
+    except RecordGone:
+        return False
+    return bool(seen) and begin_session(username, seen[0], method=method)
 
 
 def for_this_session(
@@ -268,6 +331,10 @@ def login() -> Any:
         g.login_failed = True
         why = {"reason": "password changed during the check"} if changed else {}
         audit.event("login_failure", username, **why)
+        if record is not None and not changed:
+            # For the account's owner to see; written after the response has
+            # gone, so a known username answers as fast as an unknown one (V6.3.8).
+            events.record_after_response(username, "login_failure")
         form.password.errors.append(LOGIN_FAILED)
     elif request.method == "POST":
         g.login_failed = True
@@ -287,15 +354,32 @@ def logout() -> Response:
     return _end_session_response("logged-out")
 
 
+def _fresh_auth_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """reauth.fresh_auth_required, looked up at request time (reauth imports this module)."""
+
+    @functools.wraps(view)
+    def wrapped_view(**kwargs: Any) -> Any:
+        from .reauth import fresh_auth_required
+
+        return fresh_auth_required(view)(**kwargs)
+
+    return wrapped_view
+
+
 @bp.post("/logout-others")
-@login_required
+@_fresh_auth_required  # V7.5.2: a stolen cookie must not log the owner out everywhere
 def logout_others() -> Response:
     """End every session of this user except the current one."""
     sid = session["sid"]
-    update_own(lambda r: sessions.end_others(r, sid))
+
+    def change(record: Record) -> None:
+        ended = sessions.end_others(record, sid)
+        events.record(record, "sessions_ended_others", count=ended)
+
+    update_own(change)
     audit.event("logout_others", g.user["username"])
     flash("Every other session has been logged out.", "success")
-    return redirect(url_for("account.details"))
+    return redirect(url_for("two_factor.security"))
 
 
 @bp.route("/change-password", methods=("GET", "POST"))
@@ -317,6 +401,7 @@ def change_password() -> Any:
             verified, form.new_password.data
         ):
             audit.event("password_change", username)
+            mail.notify(g.user, "password_changed")  # to the verified address, if any
             flash("Your password has been changed. Other sessions were logged out.", "success")
             return redirect(url_for("account.details"))
         audit.event("password_change_refused", username)
@@ -360,6 +445,7 @@ def _set_password(verified_hash: str, new_password: str) -> bool:
         r["password_hash"] = new_hash
         r["sessions"] = {}  # every other device must log in again
         sid_box.append(sessions.start(r, now, lifetime))
+        events.record(r, "password_changed")
 
     try:
         update_own(change, verified_hash)

@@ -40,6 +40,26 @@ DEFAULTS: dict[str, object] = {
     "REAUTH_WINDOW": 300,
     # Send every logged-in user without a second factor to enrolment first (two_factor.py).
     "REQUIRE_TWO_FACTOR": False,
+    # Mail (mail.py): "file" writes one .eml per message into MAIL_FILE_PATH
+    # (unset: the outbox folder inside DATA_DIR, data/outbox); "smtp" sends.
+    "MAIL_BACKEND": "file",
+    "MAIL_FILE_PATH": None,
+    "MAIL_SERVER": "localhost",
+    "MAIL_PORT": 25,
+    "MAIL_USE_TLS": False,
+    "MAIL_USE_SSL": False,
+    "MAIL_USERNAME": None,
+    "MAIL_PASSWORD": None,
+    "MAIL_DEFAULT_SENDER": None,  # unset: no-reply@<PUBLIC_URL's host>
+    "MAIL_TIMEOUT": 10,  # seconds per SMTP operation: a dead server never hangs the queue
+    "MAIL_CA_FILE": None,  # an extra CA to trust for the SMTP server (a private relay)
+    "MAIL_RETRY_DELAY": 5.0,  # seconds before the first retry; doubles each time
+    "MAIL_MAX_ATTEMPTS": 6,
+    # Account recovery (recovery.py).
+    "PASSWORD_RESET_TIMEOUT": 900,
+    "EMAIL_VERIFY_TIMEOUT": 86400,
+    "FORGOT_PASSWORD_RATE_LIMIT_IP": "10 per hour",
+    "FORGOT_PASSWORD_RATE_LIMIT_EMAIL": "3 per hour",
     "RATELIMIT_STORAGE_URI": "memory://",
     # Retry-After goes on the 429 page only (errors.py). Flask-Limiter's own
     # headers would put it on every response and tell a guesser how many
@@ -47,6 +67,8 @@ DEFAULTS: dict[str, object] = {
     "RATELIMIT_HEADERS_ENABLED": False,
     "SESSION_IDLE_TIMEOUT": 1800,
     "PERMANENT_SESSION_LIFETIME": 43200,
+    # Live sessions one account may hold; a new login ends the oldest (sessions.py).
+    "MAX_SESSIONS_PER_USER": 20,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
     # The CSRF token lives in the session, which already ends at the idle and

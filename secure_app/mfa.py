@@ -20,6 +20,7 @@ No views here: ``two_factor.py`` and ``reauth.py`` use these functions.
 
 A user's record gains ``totp`` (``id``, ``secret``, ``last_step``, ``added``)
 and ``recovery_codes`` (a list of ``salt$sha256`` strings) while a factor is on.
+Passkeys (``passkeys.py``) are a factor too: ``has_factor`` counts them.
 """
 
 from __future__ import annotations
@@ -182,8 +183,18 @@ def find_recovery(stored: list[Any], code: str) -> str | None:
 
 
 def has_factor(record: dict[str, Any] | None) -> bool:
-    """True when the user has a second factor (TOTP today; passkeys later)."""
+    """True when the user has a second factor: TOTP, or at least one passkey."""
+    return has_totp(record) or bool(passkeys_of(record))
+
+
+def has_totp(record: dict[str, Any] | None) -> bool:
     return bool(record and isinstance(record.get("totp"), dict))
+
+
+def passkeys_of(record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The user's passkeys (``passkeys.py`` writes them), oldest first."""
+    keys = record.get("passkeys") if record else None
+    return [key for key in keys if isinstance(key, dict)] if isinstance(keys, list) else []
 
 
 def factor_id(record: dict[str, Any] | None) -> str | None:
@@ -284,10 +295,17 @@ def recovery_hashes(codes: list[str]) -> list[str]:
     return [hash_recovery(normalize_recovery(code) or "") for code in codes]
 
 
-def remove_factors(record: dict[str, Any]) -> None:
-    """Delete the TOTP secret and every recovery code from ``record``."""
+def remove_totp(record: dict[str, Any]) -> None:
+    """Delete the TOTP secret and every recovery code from ``record``; passkeys stay."""
     record.pop("totp", None)
     record.pop("recovery_codes", None)
+
+
+def remove_factors(record: dict[str, Any]) -> None:
+    """Delete every factor from ``record``: TOTP, recovery codes and passkeys."""
+    remove_totp(record)
+    record.pop("passkeys", None)
+    record.pop("passkey_challenges", None)
 
 
 # -- secrets at rest -------------------------------------------------------------

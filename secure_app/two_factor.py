@@ -33,7 +33,7 @@ from werkzeug.wrappers import Response
 from wtforms import HiddenField, StringField
 from wtforms.validators import DataRequired, Length
 
-from . import audit, mfa, reauth, sessions
+from . import audit, events, mfa, reauth, security_page, sessions
 from .auth import login_required, safe_next
 from .reauth import fresh_auth_required
 from .security import limiter, login_failed
@@ -126,18 +126,12 @@ def _start_over(message: str | None) -> Response:
     return redirect(url_for("auth.login"), 303)
 
 
-@bp.route("/login/two-factor", methods=("GET", "POST"))
-@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT_IP"], methods=["POST"])
-@limiter.shared_limit(
-    lambda: current_app.config["LOGIN_RATE_LIMIT_USER"],
-    scope="login-user",
-    key_func=pending_username_key,
-    deduct_when=login_failed,
-    methods=["POST"],
-)
-def second_step() -> Any:
-    """Take a TOTP or recovery code and finish the login that the password started."""
-    now = int(time.time())
+def pending_login(now: int) -> tuple[dict[str, Any], dict[str, Any]] | Response:
+    """The pending login and its user's record, or the answer that starts the login over.
+
+    Starts over when the pending login expired or the account changed (a new
+    password, no factor left). The passkey second step uses it too.
+    """
     state = _pending(now)
     if state is None:
         expired = PENDING in session
@@ -151,6 +145,26 @@ def second_step() -> Any:
     ):
         audit.event("two_factor_refused", username, reason="account changed")
         return _start_over("Please log in again.")
+    return state, record
+
+
+@bp.route("/login/two-factor", methods=("GET", "POST"))
+@limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT_IP"], methods=["POST"])
+@limiter.shared_limit(
+    lambda: current_app.config["LOGIN_RATE_LIMIT_USER"],
+    scope="login-user",
+    key_func=pending_username_key,
+    deduct_when=login_failed,
+    methods=["POST"],
+)
+def second_step() -> Any:
+    """Take a TOTP or recovery code and finish the login that the password started."""
+    now = int(time.time())
+    pending = pending_login(now)
+    if isinstance(pending, Response):
+        return pending
+    state, record = pending
+    username = state["u"]
     form = CodeForm()
     if form.validate_on_submit():
         match = mfa.check_code(record, form.code.data, now)
@@ -160,7 +174,7 @@ def second_step() -> Any:
         ):
             from .auth import begin_session  # auth will import this module
 
-            if not begin_session(username, verified):
+            if not begin_session(username, verified, method=match.kind):
                 return _start_over("Please log in again.")
             reauth.mark_fresh(now)
             audit.event("login_success", username, second_factor=match.kind)
@@ -170,13 +184,25 @@ def second_step() -> Any:
             return redirect(safe_next(state["n"]) or url_for("account.details"))
         g.login_failed = True
         audit.event("two_factor_failure", username)
+        _record_failure(username)
         form.code.errors[:] = [CODE_FAILED]
     elif request.method == "POST":
         g.login_failed = True
         audit.event("two_factor_failure", username)
+        _record_failure(username)
         form.code.errors[:] = [CODE_FAILED]
     status = 422 if request.method == "POST" else 200
-    return render_template("two_factor/login.html", form=form), status
+    return render_template(
+        "two_factor/login.html",
+        form=form,
+        has_totp=mfa.has_totp(record),
+        has_passkey=bool(mfa.passkeys_of(record)),
+    ), status
+
+
+def _record_failure(username: str) -> None:
+    """Tell the account's owner: a wrong code means someone knew the password."""
+    events.record_now(username, "two_factor_failure")
 
 
 # -- the security page and the factor ------------------------------------------------
@@ -185,7 +211,7 @@ def second_step() -> Any:
 @bp.get("/security")
 @login_required
 def security() -> str:
-    """Show the factors, the recovery codes left, and the ways to change them."""
+    """Show the sessions, recent events, factors and recovery codes, and the ways to change them."""
     user = g.user
     totp = user.get("totp") if mfa.has_factor(user) else None
     added = int(totp.get("added", 0)) if totp else 0
@@ -195,7 +221,7 @@ def security() -> str:
         totp=totp,
         totp_added=time.strftime("%d %B %Y", time.gmtime(added)),
         recovery_left=mfa.recovery_left(user),
-        session_count=sessions.count(user),
+        **security_page.overview(user),
     )
 
 
@@ -205,7 +231,7 @@ def totp() -> Any:
     """Offer a new secret; switch TOTP on once the app's first code is right."""
     user = g.user
     username = user["username"]
-    if mfa.has_factor(user):
+    if mfa.has_totp(user):
         return render_template("security/totp.html", enabled=True)
     now = int(time.time())
     form = EnrolForm()
@@ -222,6 +248,7 @@ def totp() -> Any:
 
             def switch_on(record: dict[str, Any]) -> None:
                 record.update(fields)
+                events.record(record, "totp_enabled")
 
             # Factor None: refused if a factor appeared meanwhile (another tab).
             if not mfa.guarded_update(username, user["password_hash"], None, switch_on):
@@ -251,17 +278,20 @@ def totp() -> Any:
     ), status
 
 
+def _switch_off(record: dict[str, Any]) -> None:
+    mfa.remove_totp(record)  # passkeys stay
+    events.record(record, "totp_disabled")
+
+
 @bp.post("/security/totp/disable")
 @fresh_auth_required
 def disable_totp() -> Response:
     """Delete the TOTP secret and every recovery code, at once."""
     user = g.user
     username = user["username"]
-    if not mfa.has_factor(user):
+    if not mfa.has_totp(user):
         flash("Two-step sign-in was already off.", "info")
-    elif mfa.guarded_update(
-        username, user["password_hash"], mfa.factor_id(user), mfa.remove_factors
-    ):
+    elif mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), _switch_off):
         audit.event("totp_disabled", username)
         flash("Two-step sign-in is off. Your app's codes and your recovery codes no longer work.")
     else:
@@ -275,7 +305,7 @@ def regenerate_codes() -> Any:
     """Make a new set of recovery codes; the old set stops working at once."""
     user = g.user
     username = user["username"]
-    if not mfa.has_factor(user):
+    if not mfa.has_totp(user):
         flash("Turn on two-step sign-in first: recovery codes come with it.", "info")
         return redirect(url_for("two_factor.security"), 303)
     codes = mfa.new_recovery_codes()
@@ -283,6 +313,7 @@ def regenerate_codes() -> Any:
 
     def replace(record: dict[str, Any]) -> None:
         record["recovery_codes"] = hashes
+        events.record(record, "recovery_codes_regenerated")
 
     if not mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), replace):
         flash("Your sign-in settings changed meanwhile. Please look again.", "error")

@@ -38,7 +38,14 @@ def make_app(tmp_path: Path, **overrides: object) -> Flask:
 
 
 def stored_bytes(app: Flask) -> dict[str, bytes]:
-    """Every file the app keeps (data and photos), to prove a refused request changed none."""
+    """Every file the app keeps (data and photos), to prove a refused request changed none.
+
+    Mail is written by a background thread: wait for it first, so that a
+    message still being written is not taken for a change (or missed).
+    """
+    from secure_app import mail
+
+    assert mail.flush(10, app), "the mail queue did not drain"
     files = {}
     for key in ("DATA_DIR", "PHOTO_DIR"):
         root = Path(app.config[key])

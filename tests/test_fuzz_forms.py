@@ -119,12 +119,15 @@ class Markup(HTMLParser):
         self.attributes: set[str] = set()
 
     def handle_starttag(self, tag, attrs):
+        named = dict(attrs)
+        if tag == "script" and (named.get("src") or "").startswith("/public/js/passkeys.js?"):
+            return  # the site's one script (passkeys), pinned by SRI: test_templates.py
         self.tags.add(tag)
         self.attributes.update(name for name, _ in attrs)
 
 
 def assert_escaped(page: str) -> None:
-    """No input became markup: the layout has no script and no event handler."""
+    """No input became markup: no script but the site's own file, no event handler."""
     markup = Markup()
     markup.feed(page)
     assert "script" not in markup.tags

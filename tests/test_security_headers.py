@@ -22,6 +22,7 @@ from servers import Gunicorn
 
 PAGE_CSP = {
     "default-src": {"'none'"},
+    "script-src": {"'self'"},  # public/js/passkeys.js only, pinned by SRI where it is loaded
     "style-src": {"'self'"},
     "img-src": {"'self'"},
     "form-action": {"'self'"},
@@ -45,12 +46,13 @@ DENIED_FEATURES = {
     "microphone",
     "midi",
     "payment",
-    "publickey-credentials-get",
     "screen-wake-lock",
     "serial",
     "usb",
     "xr-spatial-tracking",
 }
+# Passkeys: this origin may create and use them; no other origin (no frame) may.
+SELF_ONLY_FEATURES = {"publickey-credentials-create", "publickey-credentials-get"}
 EVERY_RESPONSE = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -91,8 +93,9 @@ def assert_perimeter(response, csp: dict[str, set[str]] = PAGE_CSP) -> None:
     for name, value in EVERY_RESPONSE.items():
         assert headers.getlist(name) == [value], name
     permissions = parse_permissions(headers["Permissions-Policy"])
-    assert set(permissions) == DENIED_FEATURES
-    assert set(permissions.values()) == {"()"}
+    assert set(permissions) == DENIED_FEATURES | SELF_ONLY_FEATURES
+    assert {permissions[f] for f in DENIED_FEATURES} == {"()"}
+    assert {permissions[f] for f in SELF_ONLY_FEATURES} == {"(self)"}
     # Nothing may invite other origins in.
     assert not any(name.lower().startswith("access-control-") for name in headers.keys())
 

@@ -282,7 +282,8 @@ def _age_login(app, seconds: int) -> None:
     with app.app_context():
 
         def older(record):
-            record["sessions"] = {d: t - seconds for d, t in record["sessions"].items()}
+            for entry in record["sessions"].values():
+                entry["t"] -= seconds  # the login time; "s" (last active) is display only
 
         get_store().update("alice", older)
 

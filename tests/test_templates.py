@@ -9,6 +9,8 @@ template sources as written, and the HTML that every page really renders.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,15 +33,32 @@ AUTOESCAPE_OFF = re.compile(r"\{%-?\s*autoescape\s+false", re.I)
 
 
 class InlineCodeFinder(HTMLParser):
-    """Collect every inline script, style, event handler and script URL in an HTML text."""
+    """Collect every inline script, style, event handler and script URL in an HTML text.
+
+    The one kind of script allowed is a file with Subresource Integrity: a
+    ``<script>`` with ``src`` and ``integrity`` and nothing inside
+    (``test_scripts_are_the_passkey_file_pinned_by_its_hash`` checks the values).
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.problems: list[str] = []
+        self.in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self.in_script and data.strip():
+            self.problems.append("inline code in a <script> element")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self.in_script = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "script":
-            self.problems.append("<script> element")
+            self.in_script = True
+            named = dict(attrs)
+            if "src" not in named or "integrity" not in named:
+                self.problems.append("<script> element without src and integrity")
         if tag == "style":
             self.problems.append("<style> element")
         for name, value in attrs:
@@ -83,6 +102,8 @@ def source_problems(source: str) -> list[str]:
 BAD_SNIPPETS = [
     "<script>alert(1)</script>",
     '<SCRIPT src="/public/x.js"></SCRIPT>',
+    '<script src="/public/js/passkeys.js" integrity="sha384-x">alert(1)</script>',
+    '<script integrity="sha384-x">alert(1)</script>',
     "<style>body { color: red }</style>",
     '<p style="color: red">x</p>',
     '<button onclick="steal()">x</button>',
@@ -111,6 +132,8 @@ def test_checker_passes_ordinary_markup():
         "{% if one == 1 %}<p>{{ message }}</p>{% endif %}"
         '{{ field(form.password, autocomplete="current-password", required=True) }}'
         '<img src="/public/images/profile/x.webp" alt="Profile photo">'
+        "<script src=\"{{ url_for('static', filename='js/passkeys.js') }}\" "
+        'integrity="{{ passkeys_js_integrity }}" crossorigin="anonymous" defer></script>'
     )
     assert source_problems(ok) == []
 
@@ -130,7 +153,7 @@ def test_template_has_no_inline_code_and_no_unescaped_output(path):
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in TEMPLATE_FILES if p.name not in ("_base.html", "_forms.html")],
+    [p for p in TEMPLATE_FILES if p.name not in ("_base.html", "_forms.html", "_passkeys.html")],
     ids=lambda p: p.relative_to(TEMPLATES).as_posix(),
 )
 def test_every_page_template_extends_the_layout(path):
@@ -168,3 +191,26 @@ def test_every_rendered_page_has_no_inline_code(client, auth):
     for name, response in pages.items():
         assert response.mimetype == "text/html", name
         assert html_problems(response.get_data(as_text=True)) == [], name
+
+
+SCRIPT_TAG = re.compile(r"<script\b[^>]*>", re.I)
+ATTRIBUTE = re.compile(r'([a-z-]+)(?:="([^"]*)")?')
+
+
+def test_scripts_are_the_passkey_file_pinned_by_its_hash(client, auth):
+    """Every script is public/js/passkeys.js, with the SHA-384 of the file the site serves."""
+    pages = [client.get(path) for path in ("/", "/login")]
+    auth.register()
+    auth.login()
+    pages.append(client.get("/security"))  # /reauthenticate has it only once a passkey exists
+    scripts = [tag for page in pages for tag in SCRIPT_TAG.findall(page.get_data(as_text=True))]
+    assert len(scripts) == len(pages)  # one on each of these pages
+    for tag in scripts:
+        attrs = dict(ATTRIBUTE.findall(tag[len("<script") : -1]))
+        assert attrs["src"].startswith("/public/js/passkeys.js?v=")
+        served = client.get(attrs["src"])
+        assert served.status_code == 200 and served.mimetype == "text/javascript"
+        digest = base64.b64encode(hashlib.sha384(served.data).digest()).decode()
+        assert attrs["integrity"] == "sha384-" + digest
+        assert attrs["crossorigin"] == "anonymous" and "defer" in attrs
+    assert SCRIPT_TAG.search(client.get("/second").get_data(as_text=True)) is None  # not loaded

@@ -1,0 +1,102 @@
+"""The email on the account page: re-authentication, verification, notices to the old one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_recovery import body, confirm, link_of, outbox, record
+from test_two_factor import Clock, two_factor_app
+
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, stored_bytes
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr("time.time", fake)
+    return fake
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+    return two_factor_app(tmp_path, monkeypatch, PUBLIC_URL="https://www.example.org")
+
+
+def save(client, email: str, full_name: str = "Alice"):
+    token = csrf_token(client, "/account-details")
+    return client.post(
+        "/account-details",
+        data={"csrf_token": token, "full_name": full_name, "email": email},
+    )
+
+
+def logged_in(client) -> AuthActions:
+    actions = AuthActions(client)
+    assert actions.register().status_code == 302
+    assert actions.login().status_code == 302
+    return actions
+
+
+def test_a_new_address_is_unverified_until_its_link_is_used(app, client):
+    logged_in(client)
+    assert save(client, "alice@example.org").status_code == 303
+    rec = record(app)
+    assert rec["email"] == "alice@example.org" and not rec.get("email_verified")
+    page = client.get("/account-details").get_data(as_text=True)
+    assert "Not verified" in page
+    (message,) = [m for m in outbox(app) if m["To"] == "alice@example.org"]
+    assert confirm(client, link_of(message)).status_code == 200
+    assert record(app)["email_verified"] == "alice@example.org"
+    assert "Verified: used to recover" in client.get("/account-details").get_data(as_text=True)
+
+
+def test_changing_the_address_needs_a_fresh_authentication_and_saves_nothing_before(
+    app, client, clock
+):
+    logged_in(client)
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    client.get("/account-details")  # the page itself, not stale-sensitive
+    before = stored_bytes(app)
+    response = save(client, "mallory@evil.example", full_name="Changed")
+    assert response.status_code == 303
+    assert response.headers["Location"].startswith("/reauthenticate?next=/account-details")
+    assert stored_bytes(app) == before  # not even the name: nothing is saved half-way
+    assert not [m for m in outbox(app) if m["To"] == "mallory@evil.example"]
+    # The same save without touching the address goes through.
+    assert save(client, "", full_name="Changed").status_code == 303
+    assert record(app)["full_name"] == "Changed"
+
+
+def test_the_old_verified_address_is_told_and_keeps_working_until_the_new_one_is_verified(
+    app, client
+):
+    logged_in(client)
+    save(client, "alice@example.org")
+    confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
+    assert save(client, "alice@new.example").status_code == 303
+    notices = [m for m in outbox(app) if m["To"] == "alice@example.org"]
+    assert "A new email address was set" in body(notices[-1])
+    rec = record(app)
+    assert rec["email"] == "alice@new.example"
+    assert rec["email_verified"] == "alice@example.org"  # still the recovery address
+
+
+def test_a_password_change_is_notified_to_the_verified_address(app, client):
+    logged_in(client)
+    save(client, "alice@example.org")
+    confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
+    token = csrf_token(client, "/change-password")
+    changed = client.post(
+        "/change-password",
+        data={
+            "current_password": PASSWORD,
+            "new_password": OTHER_PASSWORD,
+            "confirm": OTHER_PASSWORD,
+            "csrf_token": token,
+        },
+    )
+    assert changed.status_code == 302
+    notice = [m for m in outbox(app) if m["To"] == "alice@example.org"][-1]
+    assert "Your password was changed" in body(notice)
+    assert "127.0.0.1" in body(notice)

@@ -1,0 +1,651 @@
+"""Passkeys: real WebAuthn ceremonies through the real handlers, and the attacks on them.
+
+The authenticator is software (``SoftAuthenticator`` below): an EC P-256 key
+made with ``cryptography``, authenticator data with the RP ID hash, flags
+and sign count, a ``clientDataJSON``, a ``fmt: none`` attestation object in
+CBOR, and ECDSA signatures, as a phone or a security key makes them. The
+server checks them with py_webauthn; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import os
+import re
+import struct
+import time
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from typing import Any
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import OTHER_PASSWORD, AuthActions, csrf_token, stored_bytes
+from secure_app import mfa, passkeys
+from secure_app.store import get_store
+
+UP, UV, AT = 0x01, 0x04, 0x40
+OPTIONS_RE = re.compile(r'data-options="([^"]*)"')
+
+
+def b64(data: bytes) -> str:
+    return urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class SoftAuthenticator:
+    """A passkey in software: one discoverable credential, user verification always on."""
+
+    def __init__(self, *, counter: bool = True) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.credential_id = os.urandom(32)
+        self.user_handle: str | None = None
+        self.counter = counter  # False: a synced passkey, whose count stays 0
+        self.count = 0
+
+    def cose_key(self) -> bytes:
+        numbers = self.key.public_key().public_numbers()
+        return cbor2.dumps(
+            {
+                1: 2,
+                3: -7,
+                -1: 1,
+                -2: numbers.x.to_bytes(32, "big"),
+                -3: numbers.y.to_bytes(32, "big"),
+            }
+        )
+
+    def _auth_data(self, rp_id: str, flags: int, count: int, attested: bytes = b"") -> bytes:
+        return (
+            hashlib.sha256(rp_id.encode()).digest()
+            + bytes([flags])
+            + struct.pack(">I", count)
+            + attested
+        )
+
+    @staticmethod
+    def _client_data(kind: str, challenge: str, origin: str) -> bytes:
+        return json.dumps(
+            {"type": kind, "challenge": challenge, "origin": origin, "crossOrigin": False}
+        ).encode()
+
+    def create(self, options: dict, origin: str, rp_id: str | None = None) -> dict[str, Any]:
+        """Answer ``navigator.credentials.create()`` as its ``toJSON()`` would."""
+        self.user_handle = options["user"]["id"]
+        client_data = self._client_data("webauthn.create", options["challenge"], origin)
+        attested = bytes(16) + struct.pack(">H", len(self.credential_id)) + self.credential_id
+        auth_data = self._auth_data(
+            rp_id or options["rp"]["id"], UP | UV | AT, 0, attested + self.cose_key()
+        )
+        attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
+        return {
+            "id": b64(self.credential_id),
+            "rawId": b64(self.credential_id),
+            "type": "public-key",
+            "authenticatorAttachment": "platform",
+            "clientExtensionResults": {},
+            "response": {
+                "clientDataJSON": b64(client_data),
+                "attestationObject": b64(attestation),
+                "transports": ["internal"],
+            },
+        }
+
+    def get(
+        self,
+        options: dict,
+        origin: str,
+        rp_id: str | None = None,
+        *,
+        count: int | None = None,
+        flags: int = UP | UV,
+    ) -> dict[str, Any]:
+        """Answer ``navigator.credentials.get()``: sign authenticator data and the client data."""
+        if count is None:
+            if self.counter:
+                self.count += 1
+            count = self.count
+        client_data = self._client_data("webauthn.get", options["challenge"], origin)
+        auth_data = self._auth_data(rp_id or options["rpId"], flags, count)
+        signed = auth_data + hashlib.sha256(client_data).digest()
+        signature = self.key.sign(signed, ec.ECDSA(hashes.SHA256()))
+        return {
+            "id": b64(self.credential_id),
+            "rawId": b64(self.credential_id),
+            "type": "public-key",
+            "authenticatorAttachment": "platform",
+            "clientExtensionResults": {},
+            "response": {
+                "clientDataJSON": b64(client_data),
+                "authenticatorData": b64(auth_data),
+                "signature": b64(signature),
+                "userHandle": self.user_handle,
+            },
+        }
+
+
+# -- driving the pages ------------------------------------------------------------------------
+
+
+def ceremony(response) -> tuple[dict, str, str]:
+    """The options, the form's action and the CSRF token of a ceremony page."""
+    assert response.status_code == 200, response.status_code
+    page = response.get_data(as_text=True)
+    options = json.loads(html.unescape(OPTIONS_RE.search(page).group(1)))
+    action = re.search(r'action="([^"]+)" class="card" id="passkey-ceremony"', page).group(1)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    return options, html.unescape(action), token
+
+
+def begin(client, url: str, page: str = "/login", **fields: str):
+    return client.post(url, data={"csrf_token": csrf_token(client, page), **fields})
+
+
+def finish(client, action: str, token: str, credential: object):
+    value = credential if isinstance(credential, str) else json.dumps(credential)
+    return client.post(action, data={"csrf_token": token, "credential": value})
+
+
+def origin_of(app) -> str:
+    return app.config["PUBLIC_URL"]
+
+
+def enrol(client, authenticator: SoftAuthenticator, name: str = "Laptop"):
+    options, action, token = ceremony(
+        begin(client, "/security/passkeys/add", "/security", name=name)
+    )
+    return finish(
+        client, action, token, authenticator.create(options, origin_of(client.application))
+    )
+
+
+def passkey_login(client, authenticator: SoftAuthenticator, **get_args: Any):
+    options, action, token = ceremony(begin(client, "/login/passkey"))
+    credential = authenticator.get(options, origin_of(client.application), **get_args)
+    return finish(client, action, token, credential)
+
+
+def who(client) -> str | None:
+    with client.session_transaction() as s:
+        return s.get("uid")
+
+
+def record(app, name: str = "alice") -> dict:
+    with app.app_context():
+        return get_store().get(name)
+
+
+def make_stale(client) -> None:
+    with client.session_transaction() as s:
+        s["auth_at"] = int(time.time()) - 3600
+
+
+def log_out(client) -> None:
+    client.post("/logout", data={"csrf_token": csrf_token(client, "/account-details")})
+    assert who(client) is None
+
+
+class AuditLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[dict] = []
+
+    def emit(self, entry: logging.LogRecord) -> None:
+        self.events.append(json.loads(entry.getMessage()))
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+
+@pytest.fixture
+def audit_lines():
+    handler = AuditLines()
+    logger = logging.getLogger("secure_app.audit")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def alice_key(logged_in) -> SoftAuthenticator:
+    """alice, logged in, with one passkey on a software authenticator."""
+    authenticator = SoftAuthenticator()
+    response = enrol(logged_in, authenticator)
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    return authenticator
+
+
+def second_client_with_passkey(app, username: str = "bob") -> tuple[Any, SoftAuthenticator]:
+    other = app.test_client()
+    actions = AuthActions(other)
+    assert actions.register(username, OTHER_PASSWORD).status_code == 302
+    assert actions.login(username, OTHER_PASSWORD).status_code == 302
+    authenticator = SoftAuthenticator()
+    assert enrol(other, authenticator, "Bob's key").status_code == 303
+    return other, authenticator
+
+
+# -- the ceremonies ----------------------------------------------------------------------------
+
+
+def test_registration_options_ask_for_a_verified_discoverable_passkey(logged_in):
+    options, action, _ = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="Laptop")
+    )
+    assert action == "/security/passkeys/add/verify"
+    assert options["rp"] == {"id": "localhost", "name": "secure_app"}
+    assert options["attestation"] == "none"
+    assert options["authenticatorSelection"]["residentKey"] == "required"
+    assert options["authenticatorSelection"]["userVerification"] == "required"
+    assert options["timeout"] == 60000
+    assert len(unb64(options["challenge"])) * 8 >= 64
+    assert b"alice" not in unb64(options["user"]["id"])  # the handle names nobody
+    assert {p["alg"] for p in options["pubKeyCredParams"]} == {-7, -8, -257}
+
+
+def test_register_stores_the_passkey_and_lists_it(logged_in, alice_key):
+    stored = record(logged_in.application)
+    [key] = stored["passkeys"]
+    assert key["id"] == b64(alice_key.credential_id)
+    assert key["name"] == "Laptop" and key["transports"] == ["internal"]
+    assert key["sign_count"] == 0 and key["last_used"] == 0
+    assert abs(key["created"] - time.time()) < 60
+    assert unb64(stored["webauthn_user"]) and stored["webauthn_user"] == alice_key.user_handle
+    assert mfa.has_factor(stored) and not mfa.has_totp(stored)
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert "Laptop" in page and 'id="add-passkey"' in page and 'id="passkey-name"' in page
+    # A second passkey's options exclude the first: one device cannot enrol twice.
+    options, _, _ = ceremony(begin(logged_in, "/security/passkeys/add", "/security", name="Phone"))
+    assert [c["id"] for c in options["excludeCredentials"]] == [key["id"]]
+
+
+def test_sign_in_with_the_passkey_alone(app, logged_in, alice_key):
+    log_out(logged_in)
+    response = passkey_login(logged_in, alice_key)
+    assert response.status_code == 303 and response.headers["Location"] == "/account-details"
+    assert who(logged_in) == "alice"
+    assert "Logged in as" in logged_in.get("/account-details").get_data(as_text=True)
+    [key] = record(app)["passkeys"]
+    assert key["sign_count"] == 1 and key["last_used"] > 0
+    # The login is a fresh authentication: sensitive pages need no re-authentication.
+    assert logged_in.get("/security/totp").status_code == 200
+
+
+def test_passkey_login_keeps_a_same_site_next(logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey?next=/security"))
+    credential = alice_key.get(options, origin_of(logged_in.application))
+    assert finish(logged_in, action, token, credential).headers["Location"] == "/security"
+
+
+def test_a_password_login_then_asks_for_the_passkey_as_second_step(app, logged_in, alice_key):
+    log_out(logged_in)
+    response = AuthActions(logged_in).login()
+    assert response.headers["Location"] == "/login/two-factor" and who(logged_in) is None
+    page = logged_in.get("/login/two-factor").get_data(as_text=True)
+    assert 'id="passkey-second-factor"' in page
+    options, action, token = ceremony(
+        begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")
+    )
+    assert [c["id"] for c in options["allowCredentials"]] == [b64(alice_key.credential_id)]
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.status_code == 303 and response.headers["Location"] == "/account-details"
+    assert who(logged_in) == "alice"
+
+
+def test_passkey_second_step_for_a_user_with_totp_too(app, logged_in, alice_key):
+    with app.app_context():
+        fields, _ = mfa.enable_totp("alice", mfa.new_secret(), 0, int(time.time()))
+        get_store().update("alice", lambda r: r.update(fields))
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    page = logged_in.get("/login/two-factor").get_data(as_text=True)
+    assert 'name="code"' in page and 'id="passkey-second-factor"' in page
+    options, action, token = ceremony(
+        begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")
+    )
+    finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert who(logged_in) == "alice"
+
+
+def test_reauthenticate_with_a_passkey(app, logged_in, alice_key):
+    make_stale(logged_in)
+    assert logged_in.get("/security/totp").status_code == 303
+    page = logged_in.get("/reauthenticate?next=/security/totp").get_data(as_text=True)
+    assert 'id="passkey-reauthenticate"' in page
+    options, action, token = ceremony(
+        begin(logged_in, "/reauthenticate/passkey?next=/security/totp", "/security")
+    )
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.status_code == 303 and response.headers["Location"] == "/security/totp"
+    assert logged_in.get("/security/totp").status_code == 200
+
+
+def test_rename_then_remove_and_the_passkey_no_longer_signs_in(app, logged_in, alice_key):
+    key_id = b64(alice_key.credential_id)
+    token = csrf_token(logged_in, "/security")
+    response = logged_in.post(
+        "/security/passkeys/rename",
+        data={"csrf_token": token, "passkey": key_id, "name": " Work  laptop "},
+    )
+    assert response.status_code == 303
+    assert record(app)["passkeys"][0]["name"] == "Work laptop"
+    response = logged_in.post(
+        "/security/passkeys/remove", data={"csrf_token": token, "passkey": key_id}
+    )
+    assert response.status_code == 303
+    assert record(app)["passkeys"] == []
+    log_out(logged_in)
+    before = stored_bytes(app)
+    response = passkey_login(logged_in, alice_key)
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(logged_in) is None and stored_bytes(app) == before
+
+
+def test_changes_need_a_recent_authentication(app, logged_in, alice_key):
+    make_stale(logged_in)
+    before = stored_bytes(app)
+    token = csrf_token(logged_in, "/security")
+    key_id = b64(alice_key.credential_id)
+    for url, fields in [
+        ("/security/passkeys/add", {"name": "Another"}),
+        ("/security/passkeys/rename", {"passkey": key_id, "name": "x"}),
+        ("/security/passkeys/remove", {"passkey": key_id}),
+    ]:
+        response = logged_in.post(url, data={"csrf_token": token, **fields})
+        assert response.status_code == 303 and "/reauthenticate" in response.headers["Location"]
+    assert stored_bytes(app) == before
+
+
+def test_reset_two_factor_removes_passkeys(app, logged_in, alice_key):
+    result = app.test_cli_runner().invoke(args=["reset-two-factor", "alice"])
+    assert result.exit_code == 0, result.output
+    assert "passkeys" not in record(app) and not mfa.has_factor(record(app))
+
+
+def test_disabling_totp_keeps_the_passkeys(app, logged_in, alice_key):
+    with app.app_context():
+        fields, _ = mfa.enable_totp("alice", mfa.new_secret(), 0, int(time.time()))
+        get_store().update("alice", lambda r: r.update(fields))
+    token = csrf_token(logged_in, "/security")
+    assert logged_in.post("/security/totp/disable", data={"csrf_token": token}).status_code == 303
+    assert not mfa.has_totp(record(app)) and len(record(app)["passkeys"]) == 1
+
+
+# -- attacks: each refused, none a 5xx, nothing changed ---------------------------------------
+
+
+def refused_login(app, client, response, before) -> None:
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None
+    assert stored_bytes(app) == before
+
+
+def test_a_replayed_assertion_is_refused(app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin_of(app))
+    assert finish(logged_in, action, token, credential).headers["Location"] == "/account-details"
+    log_out(logged_in)
+    before = stored_bytes(app)
+    token = csrf_token(logged_in)
+    refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
+
+
+def test_a_replayed_cookie_with_its_answered_challenge_is_refused(app, client):
+    # A synced passkey's count stays 0, so only the spent challenge stops this replay.
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    key = SoftAuthenticator(counter=False)
+    enrol(client, key)
+    log_out(client)
+    options, action, token = ceremony(begin(client, "/login/passkey"))
+    cookie_name = app.config["SESSION_COOKIE_NAME"]
+    saved = client.get_cookie(cookie_name).value
+    credential = key.get(options, origin_of(app))
+    assert finish(client, action, token, credential).headers["Location"] == "/account-details"
+    log_out(client)
+    before = stored_bytes(app)
+    client.set_cookie(cookie_name, saved)  # the cookie from before, challenge and all
+    refused_login(app, client, finish(client, action, token, credential), before)
+
+
+@pytest.mark.parametrize(
+    "origin, rp_id",
+    [
+        ("https://evil.example", None),
+        ("http://localhost:8001", None),
+        (None, "evil.example"),
+        ("https://evil.example", "evil.example"),
+    ],
+)
+def test_an_assertion_for_another_origin_or_rp_id_is_refused(
+    app, logged_in, alice_key, origin, rp_id
+):
+    log_out(logged_in)
+    before = stored_bytes(app)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin or origin_of(app), rp_id)
+    refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
+
+
+def test_a_registration_for_another_origin_or_rp_id_is_refused(app, logged_in):
+    for origin, rp_id in [("https://evil.example", None), (None, "evil.example")]:
+        before = stored_bytes(app)
+        options, action, token = ceremony(
+            begin(logged_in, "/security/passkeys/add", "/security", name="Laptop")
+        )
+        credential = SoftAuthenticator().create(options, origin or origin_of(app), rp_id)
+        response = finish(logged_in, action, token, credential)
+        assert response.status_code == 303 and stored_bytes(app) == before
+        assert "passkeys" not in record(app)
+
+
+def test_a_challenge_works_once(app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    first = alice_key.get(options, origin_of(app))
+    second = alice_key.get(options, origin_of(app))  # a later count, the same challenge
+    assert finish(logged_in, action, token, first).headers["Location"] == "/account-details"
+    log_out(logged_in)
+    before = stored_bytes(app)
+    refused_login(app, logged_in, finish(logged_in, action, csrf_token(logged_in), second), before)
+
+
+def test_a_challenge_expires_after_the_timeout(app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    with logged_in.session_transaction() as s:
+        state = dict(s[passkeys.CEREMONY])
+        state["t"] -= passkeys.TIMEOUT + 1
+        s[passkeys.CEREMONY] = state  # as a cookie from a minute ago holds it
+    before = stored_bytes(app)
+    refused_login(
+        app,
+        logged_in,
+        finish(logged_in, action, token, alice_key.get(options, origin_of(app))),
+        before,
+    )
+
+
+def test_a_challenge_is_bound_to_its_ceremony(app, logged_in, alice_key):
+    # Options drawn for re-authentication cannot be answered to the sign-in.
+    options, _, token = ceremony(begin(logged_in, "/reauthenticate/passkey", "/security"))
+    log_out(logged_in)
+    before = stored_bytes(app)
+    response = finish(
+        logged_in,
+        "/login/passkey/verify",
+        csrf_token(logged_in),
+        alice_key.get(options, origin_of(app)),
+    )
+    refused_login(app, logged_in, response, before)
+
+
+def test_user_verification_is_required(app, logged_in, alice_key):
+    log_out(logged_in)
+    before = stored_bytes(app)
+    refused_login(app, logged_in, passkey_login(logged_in, alice_key, flags=UP), before)
+
+
+def test_another_users_passkey_is_refused_in_the_second_step(app, logged_in, alice_key):
+    _, bob_key = second_client_with_passkey(app)
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    options, action, token = ceremony(
+        begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")
+    )
+    before = stored_bytes(app)
+    for handle in (bob_key.user_handle, alice_key.user_handle):
+        bob_key.user_handle = handle  # bob's key, with bob's handle and then with alice's
+        response = finish(logged_in, action, token, bob_key.get(options, origin_of(app)))
+        assert response.status_code == 303 and response.headers["Location"] == "/login/two-factor"
+        assert who(logged_in) is None and stored_bytes(app) == before
+        options, action, token = ceremony(
+            begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")
+        )
+
+
+def test_a_lowered_sign_count_is_refused_and_audited(app, logged_in, alice_key, audit_lines):
+    log_out(logged_in)
+    assert passkey_login(logged_in, alice_key, count=5).headers["Location"] == "/account-details"
+    log_out(logged_in)
+    before = stored_bytes(app)
+    for count in (3, 5):  # lower, and the same again
+        refused_login(app, logged_in, passkey_login(logged_in, alice_key, count=count), before)
+    lowered = [e for e in audit_lines.events if e["event"] == "passkey_sign_count_lowered"]
+    assert [(e["stored"], e["presented"]) for e in lowered] == [(5, 3), (5, 5)]
+
+
+def test_reauthentication_refuses_another_users_passkey(app, logged_in, alice_key):
+    """Flask-Security-Too GHSA-f66q-9rf6-8795: the credential must be the logged-in user's."""
+    _, bob_key = second_client_with_passkey(app)
+    make_stale(logged_in)
+    options, action, token = ceremony(
+        begin(logged_in, "/reauthenticate/passkey?next=/security", "/security")
+    )
+    before = stored_bytes(app)
+    credential = bob_key.get(options, origin_of(app))  # a real, valid signature: bob's
+    response = finish(logged_in, action, token, credential)
+    assert response.status_code == 303 and "/reauthenticate" in response.headers["Location"]
+    assert logged_in.get("/security/totp").status_code == 303  # still not re-authenticated
+    assert stored_bytes(app) == before
+
+
+def test_a_passkey_sign_in_with_an_unknown_handle_or_credential_is_refused(
+    app, logged_in, alice_key
+):
+    log_out(logged_in)
+    stranger = SoftAuthenticator()
+    stranger.user_handle = alice_key.user_handle  # alice's handle, an unknown credential
+    before = stored_bytes(app)
+    refused_login(app, logged_in, passkey_login(logged_in, stranger), before)
+    stranger.user_handle = b64(os.urandom(16))
+    refused_login(app, logged_in, passkey_login(logged_in, stranger), before)
+
+
+def test_the_write_after_a_check_refuses_a_passkey_removed_or_used_meanwhile():
+    key = {"id": "abc", "public_key": "x", "sign_count": 3, "last_used": 0}
+    record = {"username": "alice", "password_hash": "h", "passkeys": [key]}
+    claim = passkeys._claim("abc", 3, 4, "challenge", 1000)
+    assert claim({**record, "passkeys": []}) is None  # removed meanwhile
+    assert claim({**record, "passkeys": [{**key, "sign_count": 4}]}) is None  # used meanwhile
+    done = claim(record)
+    assert done["passkeys"] == [{**key, "sign_count": 4, "last_used": 1000}]
+    assert record["passkeys"] == [key]  # the record it was given is not changed in place
+    assert claim({**done, "passkeys": [key]}) is None  # the same challenge, answered again
+
+
+def test_ceremonies_need_the_csrf_token(app, logged_in, alice_key):
+    before = stored_bytes(app)
+    for url in (
+        "/login/passkey",
+        "/login/passkey/verify",
+        "/security/passkeys/add",
+        "/security/passkeys/remove",
+    ):
+        assert logged_in.post(url, data={"credential": "{}"}).status_code == 400
+    assert logged_in.post("/login/passkey/verify", json={"credential": {}}).status_code == 415
+    assert stored_bytes(app) == before
+
+
+# -- garbage in the credential field ----------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+CREDENTIAL_KEYS = [
+    "id",
+    "rawId",
+    "type",
+    "response",
+    "clientDataJSON",
+    "authenticatorData",
+    "signature",
+    "userHandle",
+    "attestationObject",
+    "transports",
+]
+
+
+@st.composite
+def garbage_credentials(draw) -> str:
+    """Text, JSON of any shape, or a real-looking credential with fields replaced."""
+    kind = draw(st.sampled_from(["text", "json", "shaped"]))
+    if kind == "text":
+        return draw(st.text(max_size=200))
+    if kind == "json":
+        return json.dumps(draw(JSON_VALUES))
+    fields = {k: draw(st.sampled_from(["AAAA", "", "!!", "x" * 70])) for k in CREDENTIAL_KEYS[:3]}
+    response = draw(
+        st.dictionaries(
+            st.sampled_from(CREDENTIAL_KEYS),
+            JSON_VALUES | st.sampled_from(["AAAA", "_-_-", "="]),
+            max_size=6,
+        )
+    )
+    return json.dumps({**fields, "type": "public-key", "response": response})
+
+
+@pytest.fixture
+def garbage_clients(app, logged_in, alice_key) -> dict[str, Any]:
+    """Clients at each verify step: anonymous, pending second step, logged in (set up once)."""
+    anonymous = app.test_client()
+    pending = app.test_client()
+    assert AuthActions(pending).login().headers["Location"] == "/login/two-factor"
+    return {"login": anonymous, "second": pending, "reauth": logged_in, "add": logged_in}
+
+
+BEGIN = {
+    "login": ("/login/passkey", "/login", {}),
+    "second": ("/login/two-factor/passkey", "/login/two-factor", {}),
+    "reauth": ("/reauthenticate/passkey", "/security", {}),
+    "add": ("/security/passkeys/add", "/security", {"name": "x"}),
+}
+
+
+@given(value=garbage_credentials(), where=st.sampled_from(sorted(BEGIN)))
+def test_garbage_credentials_are_refused_without_a_5xx(app, garbage_clients, value, where):
+    client = garbage_clients[where]
+    url, page, fields = BEGIN[where]
+    _, action, token = ceremony(begin(client, url, page, **fields))
+    before = stored_bytes(app)
+    uid = who(client)
+    response = finish(client, action, token, value)
+    assert response.status_code == 303, response.status_code
+    assert stored_bytes(app) == before and who(client) == uid

@@ -1,0 +1,551 @@
+"""The security page: every live session, ending one from another browser, recent events, limits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    AuthActions,
+    csrf_token,
+    make_app,
+    record_lines,
+    stored_bytes,
+)
+from secure_app import events, sessions
+from secure_app.auth import SESSION_ENDED
+from secure_app.security_page import IS_CURRENT, NOT_FOUND
+from secure_app.store import Store, get_store
+from servers import Gunicorn, Redis, redis_server_path
+
+FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
+SAFARI = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
+)
+WRONG = "not the password at all, sorry"
+ID_RE = re.compile(r'name="session_id" value="([0-9a-f]{32})"')
+CHEAP_ARGON2 = {"ARGON2_TIME_COST": 1, "ARGON2_MEMORY_COST": 8, "ARGON2_PARALLELISM": 1}
+
+
+class Clock:
+    """``time.time`` for the whole app, moved only when told."""
+
+    def __init__(self, now: float = 1_800_000_000) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = make_app(tmp_path, **CHEAP_ARGON2)
+    assert AuthActions(app.test_client()).register().status_code == 302
+    return app
+
+
+def browser(app, agent: str = FIREFOX, ip: str = "198.51.100.7"):
+    """A new test client that sends ``agent`` and comes from ``ip``."""
+    client = app.test_client()
+    client.environ_base.update(HTTP_USER_AGENT=agent, REMOTE_ADDR=ip)
+    return client
+
+
+def logged_in(app, agent: str = FIREFOX, ip: str = "198.51.100.7", username: str = "alice"):
+    client = browser(app, agent, ip)
+    password = PASSWORD if username == "alice" else OTHER_PASSWORD
+    assert AuthActions(client).login(username, password).status_code == 302
+    return client
+
+
+def is_logged_in(client) -> bool:
+    return client.get("/account-details").status_code == 200
+
+
+def record(app, username: str = "alice") -> dict:
+    with app.app_context():
+        return get_store().get(username)
+
+
+def shown_ids(client) -> list[str]:
+    return ID_RE.findall(client.get("/security").get_data(as_text=True))
+
+
+def end(client, session_id: object, **extra: object):
+    data = {"csrf_token": csrf_token(client, "/security"), **extra}
+    if session_id is not None:
+        data["session_id"] = session_id
+    return client.post("/security/sessions/end", data=data)
+
+
+def failed_login(client, username: str = "alice") -> None:
+    """A wrong password; the response is closed, as a server closes it (events.py writes then)."""
+    response = AuthActions(client).login(username, WRONG)
+    assert response.status_code == 200
+    response.close()
+
+
+# -- the page ----------------------------------------------------------------------------
+
+
+def test_page_lists_every_session_with_browser_address_and_this_one_marked(app):
+    laptop = logged_in(app, FIREFOX, "198.51.100.7")
+    logged_in(app, SAFARI, "203.0.113.9")
+    html = laptop.get("/security").get_data(as_text=True)
+    assert "You have 2 active sessions" in html
+    assert "Firefox 128 on Windows" in html and "Mobile Safari 17 on iOS" in html
+    assert "198.51.100.7" in html and "203.0.113.9" in html
+    current = html.index("(this browser)")
+    assert html.rfind("Firefox 128 on Windows", 0, current) > html.rfind(
+        "Mobile Safari", 0, current
+    )
+    # One "End" form: for the other session, never for this one.
+    assert len(ID_RE.findall(html)) == 1
+
+
+def test_page_shows_neither_the_cookie_id_nor_its_stored_digest(app):
+    laptop = logged_in(app)
+    phone = logged_in(app, SAFARI)
+    with phone.session_transaction() as cookie:
+        sid = cookie["sid"]
+    digest = hashlib.sha256(sid.encode()).hexdigest()
+    html = laptop.get("/security").get_data(as_text=True)
+    assert sid not in html and digest not in html
+    assert shown_ids(laptop) == [sessions.public_id(digest)]
+
+
+def test_the_data_file_keeps_a_short_summary_of_the_user_agent_not_the_header(app):
+    header = FIREFOX + " " + "x" * 4000
+    logged_in(app, header)
+    data = b"".join(stored_bytes(app).values()).decode()
+    assert "x" * 100 not in data and "Gecko" not in data
+    devices = [s["ua"] for s in record(app)["sessions"].values()]
+    assert devices == ["Firefox 128 on Windows"]
+
+
+def test_a_forwarded_address_that_is_not_an_address_is_not_stored(tmp_path):
+    app = make_app(tmp_path, PROXY_HOPS=1, **CHEAP_ARGON2)
+    AuthActions(app.test_client()).register()
+    client = app.test_client()
+    client.environ_base["HTTP_X_FORWARDED_FOR"] = "<script>alert(1)</script>"
+    AuthActions(client).login()
+    assert [s["ip"] for s in record(app)["sessions"].values()] == [None]
+    assert "<script>alert" not in client.get("/security").get_data(as_text=True)
+
+
+def test_account_page_links_to_the_security_page_and_lost_its_logout_others_form(app):
+    html = logged_in(app).get("/account-details").get_data(as_text=True)
+    assert 'href="/security"' in html
+    assert 'action="/logout-others"' not in html
+
+
+# -- ending one session ------------------------------------------------------------------
+
+
+def test_ending_a_session_from_another_browser_kills_its_cookie_at_once(app):
+    laptop = logged_in(app, FIREFOX)
+    phone = logged_in(app, SAFARI, "203.0.113.9")
+    with phone.session_transaction() as cookie:
+        stolen = dict(cookie)  # a copy of the phone's cookie, as a thief would keep it
+    (target,) = shown_ids(laptop)
+    response = end(laptop, target)
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert "Mobile Safari 17 on iOS has ended" in laptop.get("/security").get_data(as_text=True)
+    assert is_logged_in(laptop)
+    # The phone lands on the login page, told why.
+    landed = phone.get("/account-details")
+    assert landed.status_code == 302
+    assert landed.headers["Location"] == "/login?next=/account-details"
+    assert SESSION_ENDED in phone.get("/login").get_data(as_text=True)
+    assert not is_logged_in(phone)
+    # A copy of its cookie is worthless too.
+    thief = browser(app)
+    with thief.session_transaction() as cookie:
+        cookie.update(stolen)
+    assert not is_logged_in(thief)
+    assert len(record(app)["sessions"]) == 1
+    latest = record(app)["events"][-1]
+    assert latest["k"] == "session_ended" and latest["device"] == "Mobile Safari 17 on iOS"
+
+
+def test_ending_a_session_needs_a_fresh_authentication(app, monkeypatch):
+    clock = Clock(time.time())
+    monkeypatch.setattr(time, "time", clock)
+    laptop = logged_in(app)
+    phone = logged_in(app, SAFARI)
+    (target,) = shown_ids(laptop)
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    token = csrf_token(laptop, "/security")
+    before = stored_bytes(app)
+    response = laptop.post(
+        "/security/sessions/end",
+        data={"csrf_token": token, "session_id": target},
+        headers={"Referer": "http://localhost/security"},
+    )
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/reauthenticate?next=/security"
+    assert stored_bytes(app) == before
+    assert is_logged_in(phone)
+
+
+def test_ending_a_session_without_the_csrf_token_is_refused(app):
+    laptop = logged_in(app)
+    phone = logged_in(app, SAFARI)
+    (target,) = shown_ids(laptop)
+    before = stored_bytes(app)
+    assert laptop.post("/security/sessions/end", data={"session_id": target}).status_code == 400
+    assert stored_bytes(app) == before and is_logged_in(phone)
+
+
+def _others_id(app) -> str:
+    """The id the security page shows bob for his own session."""
+    AuthActions(app.test_client()).register("bob", OTHER_PASSWORD)
+    bob = logged_in(app, SAFARI, username="bob")
+    logged_in(app, FIREFOX, username="bob")
+    (shown,) = shown_ids(bob)
+    return shown
+
+
+def _stale_id(app) -> str:
+    laptop = logged_in(app)
+    logged_in(app, SAFARI)
+    (shown,) = shown_ids(laptop)
+    assert end(laptop, shown).status_code == 303
+    return shown
+
+
+def _live_id(app) -> str:
+    """The id of a live session of alice's, as her other browser's page shows it."""
+    phone = logged_in(app, SAFARI)
+    logged_in(app, FIREFOX)
+    return shown_ids(phone)[0]
+
+
+def _raw_digest(app) -> str:
+    logged_in(app, SAFARI)
+    return next(iter(record(app)["sessions"]))
+
+
+BAD_IDS = {
+    "forged": lambda app: "0" * 32,
+    "upper-case": lambda app: _live_id(app).upper(),
+    "one-longer": lambda app: _live_id(app) + "0",
+    "unicode": lambda app: "é" * 32,
+    "empty": lambda app: "",
+    "overlong": lambda app: "a" * 5000,
+    "other-users": _others_id,
+    "stale": _stale_id,
+    "raw-digest": _raw_digest,
+}
+
+
+@pytest.mark.parametrize("kind", BAD_IDS)
+def test_forged_other_users_and_stale_session_ids_are_refused(app, kind):
+    value = BAD_IDS[kind](app)
+    here = logged_in(app)
+    token = csrf_token(here, "/security")
+    alive = [logged_in(app, SAFARI), logged_in(app, FIREFOX)]
+    before = stored_bytes(app)
+    response = here.post("/security/sessions/end", data={"csrf_token": token, "session_id": value})
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert stored_bytes(app) == before
+    assert NOT_FOUND in here.get("/security").get_data(as_text=True)
+    assert all(is_logged_in(c) for c in [here, *alive])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{}, {"session_id": ["a" * 32, "b" * 32]}, {"session_id": (b"\x00" * 32, "x.bin")}],
+    ids=["missing", "twice", "a-file"],
+)
+def test_malformed_end_requests_are_refused_without_a_5xx(app, data):
+    here = logged_in(app)
+    other = logged_in(app, SAFARI)
+    token = csrf_token(here, "/security")
+    before = stored_bytes(app)
+    response = here.post("/security/sessions/end", data={"csrf_token": token, **data})
+    assert response.status_code in (303, 400)
+    assert stored_bytes(app) == before and is_logged_in(other)
+
+
+def test_the_session_asking_cannot_end_itself_from_the_list(app):
+    here = logged_in(app)
+    with here.session_transaction() as cookie:
+        mine = sessions.public_id_of(cookie["sid"])
+    before = stored_bytes(app)
+    assert end(here, mine).status_code == 303
+    assert stored_bytes(app) == before
+    assert IS_CURRENT in here.get("/security").get_data(as_text=True)
+
+
+def test_own_logout_shows_no_ended_elsewhere_message(app):
+    client = logged_in(app)
+    response = AuthActions(client).logout()
+    assert response.status_code == 302
+    assert client.get("/").status_code == 200
+    assert SESSION_ENDED not in client.get("/login").get_data(as_text=True)
+
+
+def test_logout_everywhere_else_comes_back_to_the_security_page_and_is_an_event(app):
+    here = logged_in(app)
+    others = [logged_in(app, SAFARI), logged_in(app)]
+    response = here.post("/logout-others", data={"csrf_token": csrf_token(here, "/security")})
+    assert response.headers["Location"] == "/security"
+    assert not any(is_logged_in(c) for c in others)
+    assert record(app)["events"][-1] == {
+        "k": "sessions_ended_others",
+        "t": record(app)["events"][-1]["t"],
+        "ip": "198.51.100.7",
+        "count": 2,
+    }
+
+
+def test_logout_everywhere_else_needs_a_fresh_authentication(app, monkeypatch):
+    """A stolen cookie, hours old, must not be able to log the owner out everywhere (V7.5.2)."""
+    clock = Clock(time.time())
+    monkeypatch.setattr(time, "time", clock)
+    thief = logged_in(app)
+    owner = logged_in(app, SAFARI)
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    token = csrf_token(thief, "/security")
+    before = stored_bytes(app)
+    response = thief.post(
+        "/logout-others",
+        data={"csrf_token": token},
+        headers={"Referer": "http://localhost/security"},
+    )
+    assert response.headers["Location"] == "/reauthenticate?next=/security"
+    assert stored_bytes(app) == before and is_logged_in(owner)
+
+
+# -- the record: old sessions, last activity, the cap -------------------------------------
+
+
+def test_sessions_stored_as_plain_login_times_keep_working(app):
+    """Records from before this change map each digest to an int: nobody is logged out."""
+    client = logged_in(app)
+
+    def old_form(r):
+        r["sessions"] = {d: v["t"] for d, v in r["sessions"].items()}
+
+    with app.app_context():
+        get_store().update("alice", old_form)
+    assert is_logged_in(client)
+    assert "Unknown browser" in client.get("/security").get_data(as_text=True)
+    logged_in(app, SAFARI)  # a write turns the old form into the new one
+    assert all(isinstance(v, dict) for v in record(app)["sessions"].values())
+    assert is_logged_in(client)
+
+
+def test_last_activity_costs_a_write_only_every_few_minutes(app, monkeypatch):
+    clock = Clock(time.time())
+    monkeypatch.setattr(time, "time", clock)
+    client = logged_in(app)
+    before = stored_bytes(app)
+    for _ in range(5):
+        clock.advance(50)
+        assert is_logged_in(client)
+    assert stored_bytes(app) == before  # 250 s of page views: no store write
+    clock.advance(sessions.ACTIVE_REFRESH - 250)
+    client.environ_base["REMOTE_ADDR"] = "192.0.2.44"
+    assert is_logged_in(client)
+    (entry,) = record(app)["sessions"].values()
+    assert entry["s"] == int(clock.now) and entry["ip"] == "192.0.2.44"
+    assert entry["t"] == int(clock.now) - sessions.ACTIVE_REFRESH
+
+
+def test_an_ended_session_is_not_brought_back_by_its_activity_refresh():
+    rec: dict = {"sessions": {}}
+    sid = sessions.start(rec, 1000, 3600, device="x", ip=None, cap=5)
+    sessions.end(rec, sid)
+    sessions.touch(rec, sid, 2000, "192.0.2.1")
+    assert rec["sessions"] == {}
+
+
+def test_a_new_login_past_the_cap_ends_the_oldest_session(tmp_path, monkeypatch):
+    clock = Clock(time.time())
+    monkeypatch.setattr(time, "time", clock)
+    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=3, **CHEAP_ARGON2)
+    AuthActions(app.test_client()).register()
+    clients = []
+    for _ in range(3):
+        clients.append(logged_in(app))
+        clock.advance(10)
+    # The oldest was used most recently: the login time decides, not the activity.
+    assert is_logged_in(clients[0])
+    newest = logged_in(app, SAFARI)
+    assert [is_logged_in(c) for c in clients] == [False, True, True]
+    assert is_logged_in(newest)
+    assert len(record(app)["sessions"]) == 3
+
+
+def test_the_cap_defaults_to_twenty(tmp_path):
+    app = make_app(tmp_path, **CHEAP_ARGON2)
+    assert app.config["MAX_SESSIONS_PER_USER"] == 20
+    rec: dict = {}
+    with app.test_request_context():
+        for i in range(25):
+            sessions.start(rec, 1000 + i, 3600)
+    assert len(rec["sessions"]) == 20
+    assert min(v["t"] for v in rec["sessions"].values()) == 1005
+
+
+# -- recent events and the sign-in notice -----------------------------------------------
+
+
+def test_events_are_listed_newest_first_with_time_and_address(app):
+    client = logged_in(app, FIREFOX, "198.51.100.7")
+    failed_login(browser(app, SAFARI, "203.0.113.7"))
+    token = csrf_token(client, "/change-password")
+    client.post(
+        "/change-password",
+        data={
+            "current_password": PASSWORD,
+            "new_password": OTHER_PASSWORD,
+            "confirm": OTHER_PASSWORD,
+            "csrf_token": token,
+        },
+    )
+    html = client.get("/security").get_data(as_text=True)
+    section = html[html.index('id="recent-activity"') :]
+    order = [
+        section.index("Password changed"),
+        section.index("Failed sign-in: wrong password"),
+        section.index("Signed in with your password"),
+    ]
+    assert order == sorted(order)
+    assert "203.0.113.7" in section
+
+
+def test_a_failed_login_for_an_unknown_username_writes_nothing(app):
+    before = stored_bytes(app)
+    failed_login(browser(app), "nobody")
+    assert stored_bytes(app) == before
+
+
+def test_a_failed_login_is_written_only_after_the_response_has_gone(app):
+    """The write is not part of the response time (V6.3.8): unknown and known names answer alike."""
+    before = stored_bytes(app)
+    response = AuthActions(browser(app)).login("alice", WRONG)
+    assert response.status_code == 200
+    assert stored_bytes(app) == before  # answered, nothing written yet
+    response.close()  # what the server does once the last byte is sent
+    assert record(app)["events"][-1]["k"] == "login_failure"
+
+
+def test_a_flood_of_failed_logins_never_grows_the_record_or_the_file_past_a_bound(app):
+    guesser = browser(app, SAFARI, "203.0.113.7")
+    data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"
+    sizes = []
+    for i in range(3 * Store.compact_min_dead):
+        guesser.environ_base["REMOTE_ADDR"] = f"203.0.113.{i % 250}"
+        failed_login(guesser)
+        sizes.append(data_file.stat().st_size)
+    rec = record(app)
+    assert len(rec["events"]) == events.MAX_EVENTS
+    assert all(e["k"] == "login_failure" for e in rec["events"])
+    assert rec["failed_logins"]["n"] == 3 * Store.compact_min_dead
+    # Each superseded line is reclaimed by compaction: the file never holds
+    # more than the dead-line allowance of full-size records, plus the reserve.
+    longest = max(len(line) for line in record_lines(data_file)) + 1
+    bound = (Store.compact_min_dead + 3) * longest + 2 * Store.reserve
+    assert max(sizes) <= bound
+    assert len(json.dumps(rec)) < 8 * 1024
+
+
+def test_sign_in_shows_the_failed_attempts_since_the_last_visit(app, monkeypatch):
+    clock = Clock(1_800_000_000 - 1_800_000_000 % 86400 + 14 * 3600 + 2 * 60)  # 14:02 UTC
+    monkeypatch.setattr(time, "time", clock)
+    logged_in(app)
+    for ip in ("192.0.2.1", "192.0.2.2", "203.0.113.7"):
+        failed_login(browser(app, SAFARI, ip))
+    client = browser(app)
+    response = AuthActions(client).login()
+    html = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert (
+        "3 failed sign-in attempts since your last visit, the last from 203.0.113.7 at 14:02 UTC."
+    ) in html
+    assert 'href="/security#recent-activity"' in html
+    # Said once: the next sign-in has nothing to report.
+    again = browser(app)
+    response = AuthActions(again).login()
+    assert "failed sign-in" not in again.get(response.headers["Location"]).get_data(as_text=True)
+    assert "failed_logins" not in record(app)
+
+
+def test_no_notice_when_nobody_failed(app):
+    client = browser(app)
+    response = AuthActions(client).login()
+    assert "failed sign-in" not in client.get(response.headers["Location"]).get_data(as_text=True)
+
+
+def test_event_details_are_bounded_and_unknown_kinds_still_shown():
+    rec: dict = {}
+    events.record(rec, "x" * 500, ip="not an ip", now=5, **{f"d{i}": "y" * 500 for i in range(9)})
+    (entry,) = rec["events"]
+    assert len(entry["k"]) == events.MAX_DETAIL and entry["ip"] is None
+    assert len(entry) == 3 + events.MAX_DETAILS
+    assert all(len(str(v)) <= events.MAX_DETAIL for v in entry.values())
+    assert events.recent(rec)[0]["what"].startswith("X")
+
+
+# -- two gunicorn workers sharing one store ----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not installed")
+def test_a_session_ended_in_one_worker_is_dead_in_every_worker(tmp_path):
+    with (
+        Redis(tmp_path / "redis") as redis,
+        Gunicorn(
+            tmp_path / "app",
+            env={"FLASK_RATELIMIT_STORAGE_URI": redis.uri},
+            workers=2,
+            args=["--threads", "1"],
+        ) as server,
+    ):
+        url = server.url
+        laptop, cli = requests.Session(), requests.Session()
+        laptop.headers["User-Agent"] = FIREFOX
+
+        def form_token(s: requests.Session, path: str) -> str:
+            html = s.get(url + path).text
+            return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html)[1]
+
+        data = {"username": "alice", "password": PASSWORD, "confirm": PASSWORD}
+        laptop.post(url + "/register", data={**data, "csrf_token": form_token(laptop, "/register")})
+        for s in (laptop, cli):
+            login = {"username": "alice", "password": PASSWORD}
+            s.post(url + "/login", data={**login, "csrf_token": form_token(s, "/login")})
+        # Several requests, so both workers have served (and cached) the CLI's session.
+        assert all(
+            cli.get(url + "/account-details").url.endswith("/account-details") for _ in range(6)
+        )
+        page = laptop.get(url + "/security").text
+        assert "Python Requests" in page
+        (target,) = ID_RE.findall(page)
+        token = form_token(laptop, "/security")
+        ended = laptop.post(
+            url + "/security/sessions/end", data={"csrf_token": token, "session_id": target}
+        )
+        assert "has ended" in ended.text
+        # Each try with the ended cookie, as a copy would present it, to whichever worker.
+        for _ in range(6):
+            copy = requests.Session()
+            copy.cookies.update(cli.cookies)
+            answer = copy.get(url + "/account-details")
+            assert answer.url.startswith(url + "/login") and SESSION_ENDED in answer.text
+        assert laptop.get(url + "/account-details").url.endswith("/account-details")
+        assert "Traceback" not in server.output()
