@@ -12,7 +12,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from . import audit, mfa, passwords, uploads
+from . import audit, events, mail, mfa, passwords, uploads
 from .config import rotate_keys
 from .forms import USERNAME_RE, normalize_username
 from .store import get_store, new_user
@@ -142,12 +142,16 @@ def reset_two_factor(username: str) -> None:
     def reset(record: dict) -> None:
         mfa.remove_factors(record)
         record["sessions"] = {}  # whoever holds the phone or a session is out too
+        record.pop("pending_login", None)  # and a login waiting for its second step
+        events.record(record, "two_factor_reset", ip=None)
 
     try:
-        get_store().update(username, reset)
+        record = get_store().update(username, reset)
     except KeyError:
         raise click.ClickException(f"There is no user {username}.") from None
     audit.event("two_factor_reset", username, by="operator")
+    mail.notify(record, "two_factor_reset", ip="the command line")
+    mail.flush()  # the command exits next: send the notice first
     click.echo(
         f"Removed every second factor and recovery code of {username} and ended every "
         "session. They log in with their password and can enrol again."

@@ -62,6 +62,8 @@ LABELS = {
     "email_verified": "Email address confirmed",
     "passkey_added": "Passkey added",
     "passkey_removed": "Passkey removed",
+    "passkey_renamed": "Passkey renamed",
+    "two_factor_reset": "Second factors removed by an operator; every session ended",
 }
 METHODS = {
     "password": "with your password",

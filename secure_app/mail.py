@@ -58,6 +58,9 @@ NOTICES = {
     "totp_disabled": "Two-step sign-in was turned off",
     "recovery_codes_regenerated": "New recovery codes were made; the old ones no longer work",
     "recovery_code_used": "A recovery code was used to sign in",
+    "passkey_added": "A passkey was added to your account",
+    "passkey_removed": "A passkey was removed from your account",
+    "two_factor_reset": "An operator removed your second factors and signed you out everywhere",
 }
 
 

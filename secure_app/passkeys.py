@@ -77,7 +77,7 @@ from webauthn.helpers.structs import (
 )
 from werkzeug.wrappers import Response
 
-from . import audit, auth, events, mfa, reauth, two_factor
+from . import audit, auth, events, mail, mfa, reauth, two_factor
 from .auth import login_required, safe_next
 from .reauth import fresh_auth_required
 from .security import limiter, login_failed, session_user_key
@@ -482,9 +482,8 @@ def second() -> Any:
     username = state["u"]
     verified = record["password_hash"]
     claim = _assertion(_take("second", username, now), record, now, h=state["h"])
-    if claim is None or not mfa.guarded_update(
-        username, verified, mfa.factor_id(record), _as_change(claim)
-    ):
+    spend = two_factor.spend_pending(state, _as_change(claim)) if claim is not None else None
+    if spend is None or not mfa.guarded_update(username, verified, mfa.factor_id(record), spend):
         g.login_failed = True
         audit.event("two_factor_failure", username, method="passkey")
         flash(REFUSED, "error")
@@ -662,6 +661,7 @@ def add() -> Response:
         audit.event("passkey_add_refused", username, reason="changed meanwhile or a duplicate")
         return _back("That passkey could not be added. Please look again.")
     audit.event("passkey_added", username)
+    mail.notify(user, "passkey_added")
     return _back(f"Passkey \u201c{entry['name']}\u201d added.", "success")
 
 
@@ -723,4 +723,5 @@ def remove() -> Response:
     if name is None:
         return _back("That passkey is not on this account any more.")
     audit.event("passkey_removed", g.user["username"])
+    mail.notify(g.user, "passkey_removed")
     return _back(f"Passkey \u201c{name}\u201d removed. It no longer signs in.", "success")

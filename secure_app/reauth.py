@@ -158,7 +158,14 @@ def _renew(user: dict[str, Any], now: int, change: Callable[[dict[str, Any]], bo
         sid_box.append(sessions.start(record, now, lifetime))
         return True
 
-    if not mfa.guarded_update(user["username"], user["password_hash"], mfa.factor_id(user), renew):
+    # Only while this session is still live in the record: a re-authentication
+    # racing "log out everywhere else" or reset-two-factor must not bring back
+    # the session they ended (auth.for_this_session refuses it).
+    from .auth import for_this_session  # auth's login hands over to modules that import reauth
+
+    guarded = for_this_session(renew)
+    factor = mfa.factor_id(user)
+    if not mfa.guarded_update(user["username"], user["password_hash"], factor, guarded):
         return False
     session["sid"] = sid_box[0]
     session["seen"] = now

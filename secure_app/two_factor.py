@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import (
@@ -33,7 +35,7 @@ from werkzeug.wrappers import Response
 from wtforms import HiddenField, StringField
 from wtforms.validators import DataRequired, Length
 
-from . import audit, events, mfa, reauth, security_page, sessions
+from . import audit, events, mail, mfa, reauth, security_page, sessions
 from .auth import login_required, safe_next
 from .reauth import fresh_auth_required
 from .security import limiter, login_failed
@@ -42,6 +44,8 @@ from .store import get_store
 bp = Blueprint("two_factor", __name__)
 
 PENDING = "pending_2fa"
+# The record field naming the one pending login that may finish (spend_pending).
+PENDING_FIELD = "pending_login"
 PENDING_TTL = 300
 CODE_FAILED = "That code did not work. Use the current code from your app, or a recovery code."
 # What a logged-in user without a factor may still reach when two-factor is required.
@@ -88,14 +92,46 @@ def begin_pending(username: str, verified_hash: str, next_url: str | None) -> Re
         get_store().update(g.user["username"], lambda r: sessions.end(r, old_sid))
         g.user = None
     session.clear()  # prevents session fixation: nothing from before survives
+    # The cookie alone cannot be cancelled: the record names the one pending
+    # login that may finish. A new password login (any browser) replaces it,
+    # and finishing spends it, so a copy of this cookie is good for nothing.
+    nonce = secrets.token_urlsafe(16)
+    get_store().update(username, lambda r: r.update({PENDING_FIELD: _nonce_digest(nonce)}))
     session[PENDING] = {
         "u": username,
         "h": _tag(verified_hash),
+        "p": nonce,
         "t": int(time.time()),
         "n": safe_next(next_url) or "",
     }
     audit.event("two_factor_asked", username)
     return redirect(url_for("two_factor.second_step"))
+
+
+def _nonce_digest(nonce: str) -> str:
+    return hashlib.sha256(b"secure_app.pending-nonce\0" + nonce.encode()).hexdigest()
+
+
+def spend_pending(
+    state: dict[str, Any], change: Callable[[dict[str, Any]], bool | None]
+) -> Callable[[dict[str, Any]], bool]:
+    """A ``guarded_update`` change that also spends this browser's pending login, once.
+
+    Refuses when the record names another pending login (replaced by a newer
+    password login) or none (already finished): a copied cookie cannot finish
+    a second login.
+    """
+    digest = _nonce_digest(state["p"])
+
+    def spend(record: dict[str, Any]) -> bool:
+        if not hmac.compare_digest(str(record.get(PENDING_FIELD) or ""), digest):
+            return False
+        if change(record) is False:
+            return False
+        del record[PENDING_FIELD]
+        return True
+
+    return spend
 
 
 def _pending(now: int) -> dict[str, Any] | None:
@@ -104,6 +140,7 @@ def _pending(now: int) -> dict[str, Any] | None:
         isinstance(state, dict)
         and isinstance(state.get("u"), str)
         and isinstance(state.get("h"), str)
+        and isinstance(state.get("p"), str)
         and isinstance(state.get("t"), int)
         and isinstance(state.get("n"), str)
         and 0 <= now - state["t"] <= PENDING_TTL
@@ -142,6 +179,7 @@ def pending_login(now: int) -> tuple[dict[str, Any], dict[str, Any]] | Response:
         record is None
         or not mfa.has_factor(record)
         or not hmac.compare_digest(_tag(record["password_hash"]), state["h"])
+        or not hmac.compare_digest(str(record.get(PENDING_FIELD) or ""), _nonce_digest(state["p"]))
     ):
         audit.event("two_factor_refused", username, reason="account changed")
         return _start_over("Please log in again.")
@@ -170,7 +208,7 @@ def second_step() -> Any:
         match = mfa.check_code(record, form.code.data, now)
         verified = record["password_hash"]
         if match and mfa.guarded_update(
-            username, verified, mfa.factor_id(record), mfa.consume(match)
+            username, verified, mfa.factor_id(record), spend_pending(state, mfa.consume(match))
         ):
             from .auth import begin_session  # auth will import this module
 
@@ -181,6 +219,7 @@ def second_step() -> Any:
             if match.kind == "recovery":
                 left = mfa.recovery_left(get_store().get(username))
                 flash(f"You used a recovery code; {left} remain.", "info")
+                mail.notify(record, "recovery_code_used")
             return redirect(safe_next(state["n"]) or url_for("account.details"))
         g.login_failed = True
         audit.event("two_factor_failure", username)
@@ -255,6 +294,7 @@ def totp() -> Any:
                 flash("Your sign-in settings changed meanwhile. Please look again.", "error")
                 return redirect(url_for("two_factor.security"), 303)
             audit.event("totp_enabled", username)
+            mail.notify(user, "totp_enabled")
             return render_template("security/recovery_codes.html", codes=codes, new_factor=True)
         audit.event("totp_enrol_failure", username)
         if secret is None:
@@ -293,6 +333,7 @@ def disable_totp() -> Response:
         flash("Two-step sign-in was already off.", "info")
     elif mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), _switch_off):
         audit.event("totp_disabled", username)
+        mail.notify(user, "totp_disabled")
         flash("Two-step sign-in is off. Your app's codes and your recovery codes no longer work.")
     else:
         flash("Your sign-in settings changed meanwhile. Please look again.", "error")
@@ -319,6 +360,7 @@ def regenerate_codes() -> Any:
         flash("Your sign-in settings changed meanwhile. Please look again.", "error")
         return redirect(url_for("two_factor.security"), 303)
     audit.event("recovery_codes_regenerated", username)
+    mail.notify(user, "recovery_codes_regenerated")
     return render_template("security/recovery_codes.html", codes=codes, new_factor=False)
 
 

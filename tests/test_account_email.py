@@ -100,3 +100,19 @@ def test_a_password_change_is_notified_to_the_verified_address(app, client):
     notice = [m for m in outbox(app) if m["To"] == "alice@example.org"][-1]
     assert "Your password was changed" in body(notice)
     assert "127.0.0.1" in body(notice)
+
+
+def test_factor_changes_and_an_operator_reset_are_notified(app, client, clock):
+    from test_two_factor import enrol
+
+    logged_in(client)
+    save(client, "alice@example.org")
+    confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
+    enrol(client, clock)
+    notices = [body(m) for m in outbox(app) if m["To"] == "alice@example.org"]
+    assert "Two-step sign-in was turned on" in notices[-1]
+    result = app.test_cli_runner().invoke(args=["reset-two-factor", "alice"])
+    assert result.exit_code == 0, result.output
+    notices = [body(m) for m in outbox(app) if m["To"] == "alice@example.org"]
+    assert "An operator removed your second factors" in notices[-1]
+    assert record(app)["events"][-1]["k"] == "two_factor_reset"

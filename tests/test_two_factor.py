@@ -146,8 +146,13 @@ def record(app, username: str = "alice") -> dict:
 
 
 def all_but_events(app, username: str = "alice") -> dict:
-    """The record without its security events: a refused code is written there (events.py)."""
-    return {k: v for k, v in record(app, username).items() if k not in ("events", "failed_logins")}
+    """The record without what a refused code or a password step writes by design.
+
+    A refused code is an event (events.py); a correct password names the one
+    pending login that may finish (two_factor.spend_pending).
+    """
+    skip = ("events", "failed_logins", "pending_login")
+    return {k: v for k, v in record(app, username).items() if k not in skip}
 
 
 @pytest.fixture
@@ -250,7 +255,7 @@ def test_password_alone_logs_nobody_in_for_a_user_with_a_factor(app, client, enr
     assert response.headers["Location"] == "/login/two-factor"
     with client.session_transaction() as cookie:
         assert "uid" not in cookie and "sid" not in cookie
-        assert set(cookie["pending_2fa"]) == {"u", "h", "t", "n"}
+        assert set(cookie["pending_2fa"]) == {"u", "h", "p", "t", "n"}
         assert PASSWORD not in json.dumps(dict(cookie))
         assert record(app)["password_hash"] not in json.dumps(dict(cookie))
     for page in ("/account-details", "/security", "/security/totp", "/change-password"):

@@ -1,0 +1,112 @@
+"""Found by the live attack on the second factor: a copied pending login, a reauth race.
+
+A pending login lived only in the signed cookie, so a copy finished a second
+login, even after the browser had logged in or a newer password login had
+"replaced" it. And a re-authentication that started before "log out
+everywhere else" brought back the session that had just been ended.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_races import _during_first_verify
+from test_two_factor import (
+    PASSWORD,
+    Clock,
+    enrol,
+    login_with_code,
+    post,
+    record,
+    second_step,
+    two_factor_app,
+    who,
+)
+
+from helpers import AuthActions
+from secure_app import mfa
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr("time.time", fake)
+    return fake
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+    return two_factor_app(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def secret(app, clock) -> str:
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    key, _ = enrol(client, clock)
+    AuthActions(client).logout()
+    clock.next_step()  # the enrolment spent this step's code
+    return key.replace(" ", "")
+
+
+def _copy_cookie(source, target) -> None:
+    with source.session_transaction() as cookie:
+        values = dict(cookie)
+    with target.session_transaction() as cookie:
+        cookie.update(values)
+
+
+def test_a_copied_pending_login_cannot_finish_a_second_login(app, clock, secret):
+    browser, thief = app.test_client(), app.test_client()
+    assert AuthActions(browser).login().headers["Location"] == "/login/two-factor"
+    _copy_cookie(browser, thief)
+    assert second_step(browser, mfa.code_at(secret, clock.step)).status_code == 302
+    assert who(browser) == "alice"
+    sessions_before = set(record(app)["sessions"])
+    clock.next_step()  # a fresh, valid code: only the pending login can refuse it
+    refused = second_step(thief, mfa.code_at(secret, clock.step))
+    assert refused.status_code in (303, 422)
+    assert who(thief) is None
+    assert set(record(app)["sessions"]) == sessions_before
+
+
+def test_a_newer_password_login_anywhere_replaces_the_pending_one(app, clock, secret):
+    first, second = app.test_client(), app.test_client()
+    AuthActions(first).login()
+    AuthActions(second).login()  # another browser, the same password: the newer one counts
+    refused = second_step(first, mfa.code_at(secret, clock.step))
+    assert refused.status_code in (303, 422)
+    assert who(first) is None
+    assert second_step(second, mfa.code_at(secret, clock.step)).status_code == 302
+    assert who(second) == "alice"
+
+
+def test_reauthentication_racing_log_out_everywhere_else_does_not_revive_its_session(
+    app, clock, secret, monkeypatch
+):
+    laptop, phone = app.test_client(), app.test_client()
+    assert login_with_code(laptop, mfa.code_at(secret, clock.step)).status_code == 302
+    clock.next_step()
+    assert login_with_code(phone, mfa.code_at(secret, clock.step)).status_code == 302
+    clock.advance(app.config["REAUTH_WINDOW"] + 60)  # both stale
+    clock.next_step()
+    # The phone confirms it is the owner and logs out everywhere else...
+    assert post(
+        phone,
+        "/reauthenticate",
+        {"code": mfa.code_at(secret, clock.step)},
+        token_from="/reauthenticate",
+    ).status_code in (302, 303)
+
+    def log_out_the_laptop() -> int:
+        return post(phone, "/logout-others").status_code
+
+    # ...exactly while the laptop's re-authentication is checking its password.
+    done = _during_first_verify(monkeypatch, log_out_the_laptop)
+    post(laptop, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    assert done and done[0] in (302, 303)
+    assert who(laptop) is None
+    assert who(phone) == "alice"
+    assert len(record(app)["sessions"]) == 1
