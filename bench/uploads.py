@@ -35,10 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -57,35 +55,6 @@ PASSWORD = "correct horse battery staple glacier"
 CSRF_RE = re.compile(
     r'name="csrf_token" type="hidden" value="([^"]+)"|name="csrf_token" value="([^"]+)"'
 )
-
-# The same probe as tests/test_uploads.py: warm every decoder, then measure one reencode().
-MEASURE = """
-import io, json, resource, sys, warnings
-warnings.simplefilter("ignore")
-from PIL import Image
-from secure_app import uploads
-for fmt in ("JPEG", "PNG", "WEBP"):
-    warm = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(warm, fmt)
-    uploads.reencode(warm.getvalue())
-data = open(sys.argv[1], "rb").read()
-def peak_kib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-base = peak_kib()
-before = resource.getrusage(resource.RUSAGE_SELF)
-try:
-    uploads.reencode(data)
-    result = "accepted"
-except uploads.UploadRefused as refused:
-    result = "refused: " + str(refused)
-after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({
-    "rss_mib": (peak_kib() - base) / 1024,
-    "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-    "result": result,
-}))
-"""
 
 CORPUS: dict[str, Callable[[], bytes]] = {
     # the audit's files
@@ -157,14 +126,10 @@ ATTACKS = {
 
 def measure(path: Path) -> dict:
     """Run one reencode() in a fresh interpreter and return what it cost."""
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return json.loads(done.stdout.splitlines()[-1])
+    got = images.measure_reencode(path, timeout=120)
+    if got["result"] != "accepted":
+        got["result"] = "refused: " + got["result"]
+    return got
 
 
 def cost_table(corpus: dict[str, Path]) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from helpers import AuthActions, make_app
+from helpers import AuthActions, Clock, make_app
 
 # ci: quick and the same examples on every run, so a red CI run is a real
 # regression, not a new random draw; thorough: random and many more examples,
@@ -55,3 +55,11 @@ def logged_in(client, auth):
     assert auth.register().status_code == 302
     assert auth.login().status_code == 302
     return client
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """A fake ``time.time`` for the whole process, moved only by the test."""
+    fake = Clock()
+    monkeypatch.setattr("time.time", fake)
+    return fake

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from secure_app import create_app
+from secure_app import create_app, mfa
 
 PASSWORD = "correct horse battery staple glacier"
 OTHER_PASSWORD = "violet umbrella marches quietly north"
@@ -137,3 +137,28 @@ def record_lines(path: Path) -> list[bytes]:
         rows.pop()  # the reserved space after the last record
     assert all(row.strip() for row in rows), "a blank line among the records"
     return rows
+
+
+# Where a fake clock starts: 10 s into a 30-second TOTP step.
+START = 1_800_000_010
+
+
+class Clock:
+    """A stand-in for ``time.time`` that moves only when told (the ``clock`` fixture)."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def next_step(self) -> None:
+        """Move to 1 s into the next 30-second step."""
+        self.now = (int(self.now) // mfa.STEP + 1) * mfa.STEP + 1
+
+    @property
+    def step(self) -> int:
+        return mfa.step_at(self.now)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
+from pathlib import Path
 
 from PIL import Image
 
@@ -390,3 +394,52 @@ def jpeg_one_component_scan(size: tuple[int, int]) -> bytes:
     one = bytes([1, sos[1], sos[2], 0, 63, 0])  # Ns=1: component 1 only, full spectrum
     scan = b"\xff\xda" + struct.pack(">H", 2 + len(one)) + one
     return data[:start] + tables + scan + g[g_start + 2 + g_length : g_end] + b"\xff\xd9"
+
+
+# Runs in a fresh interpreter: imports and warms every decoder, then reports
+# what one reencode() added to the peak RSS (VmHWM, which sees C allocations;
+# ru_maxrss would start from the parent's peak, which Linux keeps across
+# exec) and the CPU it used. Both are behaviour bounds, not timings.
+_MEASURE = """
+import io, json, resource, sys, warnings
+warnings.simplefilter("ignore")
+from PIL import Image
+from secure_app import uploads
+for fmt in ("JPEG", "PNG", "WEBP"):
+    warm = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(warm, fmt)
+    uploads.reencode(warm.getvalue())
+data = open(sys.argv[1], "rb").read()
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+base = peak_kib()
+before = resource.getrusage(resource.RUSAGE_SELF)
+try:
+    uploads.reencode(data)
+    result = "accepted"
+except uploads.UploadRefused as refused:
+    result = str(refused)
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({
+    "rss_mib": (peak_kib() - base) / 1024,
+    "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+    "result": result,
+}))
+"""
+
+
+def measure_reencode(path: Path, timeout: float = 600) -> dict:
+    """Run one ``uploads.reencode`` of the file at ``path`` in a fresh interpreter.
+
+    Returns ``rss_mib`` (peak RSS it added), ``cpu_s`` and ``result``
+    ("accepted", or the refusal's message).
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return json.loads(done.stdout.splitlines()[-1])

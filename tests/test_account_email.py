@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pytest
 from test_recovery import body, confirm, link_of, outbox, record
-from test_two_factor import Clock, two_factor_app
+from test_two_factor import two_factor_app
 
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, stored_bytes
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("time.time", fake)
-    return fake
-
-
-@pytest.fixture
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock):
     return two_factor_app(tmp_path, monkeypatch, PUBLIC_URL="https://www.example.org")
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from flask import g, session
-from test_two_factor import Clock, two_factor_app
+from test_two_factor import two_factor_app
 
 from helpers import CSRF_RE, OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, stored_bytes
 from secure_app import auth, mail, mfa, recovery
@@ -119,14 +119,7 @@ def reset_link(app, client, address: str = "alice@example.org") -> str:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("time.time", fake)
-    return fake
-
-
-@pytest.fixture
-def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock):
     return two_factor_app(tmp_path, monkeypatch, PUBLIC_URL="https://www.example.org")
 
 

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_fuzz_forms import CHEAP_ARGON2
 from test_recovery import NEW_PASSWORD, body, change_email, confirm, link_of, outbox, path_of
-from test_two_factor import Clock
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, Clock, csrf_token, make_app
 from secure_app import mail, passwords
 from secure_app.store import get_store
 

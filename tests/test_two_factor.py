@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from helpers import (
     OTHER_PASSWORD,
     PASSWORD,
     AuthActions,
+    Clock,
     csrf_token,
     make_app,
     stored_bytes,
@@ -29,38 +29,9 @@ from secure_app import mfa
 from secure_app.security import limiter
 from secure_app.store import get_store
 
-START = 1_800_000_010  # 10 s into a 30-second step
 SECRET_RE = re.compile(r'<code id="totp-secret">([A-Z2-7 ]+)</code>')
 ENROLMENT_RE = re.compile(r'name="enrolment" type="hidden" value="([^"]+)"')
 CODES_RE = re.compile(r'<code class="recovery-code">([A-Z0-9-]+)</code>')
-
-
-class Clock:
-    """A stand-in for ``time.time`` that moves only when told."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = float(now)
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def next_step(self) -> None:
-        """Move to 1 s into the next 30-second step."""
-        self.now = (int(self.now) // mfa.STEP + 1) * mfa.STEP + 1
-
-    @property
-    def step(self) -> int:
-        return mfa.step_at(self.now)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(time, "time", fake)
-    return fake
 
 
 def two_factor_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config: object):

@@ -11,7 +11,6 @@ and logs nobody in.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,6 @@ from hypothesis import strategies as st
 from test_two_factor import (
     ENROLMENT_RE,
     SECRET_RE,
-    START,
-    Clock,
     all_but_events,
     enrol,
     post,
@@ -31,7 +28,7 @@ from test_two_factor import (
 )
 from test_two_factor import record as get_record
 
-from helpers import AuthActions, csrf_token, stored_bytes
+from helpers import START, AuthActions, Clock, csrf_token, stored_bytes
 from secure_app import mfa
 from secure_app.store import get_store
 
@@ -110,13 +107,6 @@ def _variant(draw, secret: str, clock: Clock, recovery: list[str], model: Model)
         kind, value = draw(st.sampled_from(sorted(model.used))).split(":", 1)
         return mfa.code_at(secret, int(value)) if kind == "totp" else value
     return current
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr(time, "time", fake)
-    return fake
 
 
 @pytest.fixture

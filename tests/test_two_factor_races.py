@@ -29,13 +29,6 @@ from secure_app import mfa
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("time.time", fake)
-    return fake
-
-
-@pytest.fixture
 def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock):
     return two_factor_app(tmp_path, monkeypatch)
 

@@ -25,15 +25,13 @@ from test_two_factor import (
     CODES_RE,
     ENROLMENT_RE,
     SECRET_RE,
-    START,
-    Clock,
     enrol,
     post,
     second_step,
     who,
 )
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, START, AuthActions, Clock, csrf_token, make_app
 from secure_app import mfa
 from secure_app.store import get_store
 

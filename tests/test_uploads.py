@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -233,37 +230,6 @@ def test_photo_url_for_a_temporary_upload_file_goes_to_the_photo_view_not_static
 
 # -- bounded cost: every upload up to 5 MiB decodes in bounded memory and CPU -------------------
 
-# Runs in a fresh interpreter: imports and warms every decoder, then reports
-# what one reencode() added to the peak RSS (VmHWM, which sees C allocations;
-# ru_maxrss would start from the parent's peak, which Linux keeps across
-# exec) and the CPU it used. Both are behaviour bounds, not timings.
-MEASURE = """
-import io, json, resource, sys, warnings
-warnings.simplefilter("ignore")
-from PIL import Image
-from secure_app import uploads
-for fmt in ("JPEG", "PNG", "WEBP"):
-    warm = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(warm, fmt)
-    uploads.reencode(warm.getvalue())
-data = open(sys.argv[1], "rb").read()
-def peak_kib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-base = peak_kib()
-before = resource.getrusage(resource.RUSAGE_SELF)
-try:
-    uploads.reencode(data)
-    result = "accepted"
-except uploads.UploadRefused as refused:
-    result = str(refused)
-after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({
-    "rss_mib": (peak_kib() - base) / 1024,
-    "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-    "result": result,
-}))
-"""
 # The targets of issue 13. Accepted files at each format's limit measure at
 # most 104 MiB and 0.5 s (bench/uploads.py); before the fix the refused ones
 # took up to 953 MiB or 81 s of CPU.
@@ -274,14 +240,7 @@ MAX_CPU_S = 2.0
 def measure(data: bytes, tmp_path) -> dict:
     path = tmp_path / "upload.bin"
     path.write_bytes(data)
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    return json.loads(done.stdout.splitlines()[-1])
+    return images.measure_reencode(path)
 
 
 # (builder, what must happen: "accepted" or a phrase of the refusal)
