@@ -12,6 +12,7 @@ from flask import (
     g,
     redirect,
     render_template,
+    request,
     send_from_directory,
     url_for,
 )
@@ -49,6 +50,14 @@ def _photo_dir() -> str:
     key_func=session_user_key,
     methods=["POST"],
     exempt_when=carries_no_photo,
+)
+# Each new address gets a verification mail: bound how often one account can
+# make the site mail an address of its choosing (a flood through our sender).
+@limiter.limit(
+    lambda: current_app.config["EMAIL_CHANGE_RATE_LIMIT_USER"],
+    key_func=session_user_key,
+    methods=["POST"],
+    exempt_when=lambda: not _changes_email(),
 )
 def details() -> Any:
     """Show the account form prefilled from the store; save valid changes and a new photo."""
@@ -93,6 +102,12 @@ def details() -> Any:
         # Only rendered here: its token is the page's csrf_token(), checked on POST.
         delete_form=DeleteAccountForm(formdata=None, meta={"csrf": False}),
     ), status
+
+
+def _changes_email() -> bool:
+    """Whether this POST asks to set an email address other than the stored one."""
+    typed = request.form.get("email", "")
+    return g.user is not None and typed.strip() != (g.user.get("email") or "")
 
 
 def _save(fields: dict[str, str], image: bytes | None) -> None:

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, object] = {
     "REGISTER_RATE_LIMIT_IP": "10 per hour",
     "CHANGE_PASSWORD_RATE_LIMIT_USER": "5 per minute",
     "UPLOAD_RATE_LIMIT_USER": "10 per minute",
+    # Email changes per user: each one mails a verification link (account.py).
+    "EMAIL_CHANGE_RATE_LIMIT_USER": "5 per hour",
     # Seconds a login or re-authentication counts as fresh for factor changes (reauth.py).
     "REAUTH_WINDOW": 300,
     # Send every logged-in user without a second factor to enrolment first (two_factor.py).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 import requests
@@ -324,3 +325,30 @@ def test_a_second_photo_part_cannot_slip_past_the_upload_limit(tmp_path):
     response = client.post("/account-details", data=data, content_type="multipart/form-data")
     assert response.status_code == 400
     assert stored_bytes(app) == before
+
+
+def test_email_changes_are_limited_per_user_so_nobody_floods_an_address(tmp_path):
+    """Each new address is mailed a link: one account must not make the site mail it 15 times."""
+    from secure_app import mail
+
+    app = limited_app(tmp_path, EMAIL_CHANGE_RATE_LIMIT_USER="2 per hour")
+    _register_alice(app)
+    client = _logged_in(app)
+
+    def save(email: str, full_name: str = "Alice"):
+        token = csrf_token(client, "/account-details")
+        data = {"csrf_token": token, "full_name": full_name, "email": email}
+        return client.post("/account-details", data=data)
+
+    assert save("victim@example.org").status_code == 303
+    assert save("mine@example.org").status_code == 303
+    before = stored_bytes(app)
+    refused = save("victim@example.org")
+    assert refused.status_code == 429
+    assert stored_bytes(app) == before
+    assert mail.flush(10, app)
+    outbox = Path(app.config["MAIL_FILE_PATH"])
+    to_victim = [p for p in outbox.glob("*.eml") if b"To: victim@example.org" in p.read_bytes()]
+    assert len(to_victim) == 1
+    # Saving the other details, the address unchanged, is not an email change.
+    assert save("mine@example.org", full_name="Alice L.").status_code == 303

@@ -103,3 +103,28 @@ def test_reauthentication_racing_log_out_everywhere_else_does_not_revive_its_ses
     assert who(laptop) is None
     assert who(phone) == "alice"
     assert len(record(app)["sessions"]) == 1
+
+
+def test_reauthentication_racing_end_session_does_not_revive_the_ended_session(
+    app, clock, monkeypatch
+):
+    """Found by the live attack on the security page: the same race, one session ended."""
+    from test_security_page import end, shown_ids
+
+    laptop, phone = app.test_client(), app.test_client()
+    AuthActions(laptop).register()
+    assert AuthActions(laptop).login().status_code == 302
+    assert AuthActions(phone).login().status_code == 302
+    (laptop_id,) = shown_ids(phone)  # the other session, as the phone's page shows it
+
+    def end_the_laptop() -> int:
+        return end(phone, laptop_id).status_code
+
+    clock.advance(app.config["REAUTH_WINDOW"] + 60)
+    post(phone, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    done = _during_first_verify(monkeypatch, end_the_laptop)
+    post(laptop, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    assert done and done[0] == 303
+    assert who(laptop) is None
+    assert who(phone) == "alice"
+    assert len(record(app)["sessions"]) == 1
