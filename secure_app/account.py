@@ -106,8 +106,8 @@ def details() -> Any:
 
 def _changes_email() -> bool:
     """Whether this POST asks to set an email address other than the stored one."""
-    typed = request.form.get("email", "")
-    return g.user is not None and typed.strip() != (g.user.get("email") or "")
+    typed = request.form.get("email")  # absent: the form keeps the stored address
+    return g.user is not None and typed is not None and typed.strip() != (g.user.get("email") or "")
 
 
 def _save(fields: dict[str, str], image: bytes | None) -> None:

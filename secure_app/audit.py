@@ -46,6 +46,9 @@ def event(name: str, username: str | None = None, **details: object) -> None:
     }
     if has_request_context():
         entry["ip"] = request.remote_addr
-        entry["path"] = request.path
+        # The route's pattern, not the path: a path can hold a live token
+        # (/reset-password/<token>), and tokens never go to the log.
+        rule = request.url_rule
+        entry["path"] = rule.rule if rule is not None else request.path
     entry.update(details)
     logger.info(json.dumps(entry, ensure_ascii=True, default=str))

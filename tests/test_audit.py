@@ -168,3 +168,13 @@ def test_each_event_is_one_json_line_after_flask_attaches_its_handler(tmp_path):
     lines = [line for line in result.stderr.splitlines() if "login_failure" in line]
     assert len(lines) == 1, result.stderr
     assert json.loads(lines[0])["username"] == "bob"
+
+
+def test_a_token_in_the_path_never_reaches_the_log(client, audit_log, caplog, capsys):
+    """A refused POST to a reset link is audited by its route, not by its live token."""
+    token = "YWxpY2U.live-token-that-must-not-be-logged-0123456789abcdef"
+    response = client.post(f"/reset-password/{token}", data={"password": "x", "confirm": "x"})
+    assert response.status_code == 400  # no CSRF token
+    (line,) = _events(audit_log(), "csrf_refused")
+    assert line["path"] == "/reset-password/<token>"
+    assert "live-token" not in caplog.text + capsys.readouterr().err
