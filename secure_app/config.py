@@ -110,6 +110,13 @@ def configure(app: Flask, test_config: dict | None) -> None:
         app.config["SESSION_COOKIE_NAME"] = "__Host-session"
     app.config["PREFERRED_URL_SCHEME"] = "https" if force_https else "http"
     app.config["PUBLIC_URL"] = public_origin(app.config["PUBLIC_URL"], force_https)
+    if app.config.get("DATABASE_URL"):
+        # Better no start than a site that quietly writes to the text database
+        # while the operator believes it is on PostgreSQL.
+        raise RuntimeError(
+            "FLASK_DATABASE_URL is set, but this version stores data only in the text "
+            "database (PostgreSQL is not built yet). Unset it to use FLASK_DATA_DIR."
+        )
 
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
     if not app.config.get("SECRET_KEY"):

@@ -657,7 +657,8 @@ def add() -> Response:
         events.record(record, "passkey_added", name=entry["name"])
         return True
 
-    if not mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), store_it):
+    store_here = auth.for_this_session(store_it)  # not for a session ended meanwhile
+    if not mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), store_here):
         audit.event("passkey_add_refused", username, reason="changed meanwhile or a duplicate")
         return _back("That passkey could not be added. Please look again.")
     audit.event("passkey_added", username)
@@ -688,7 +689,7 @@ def _change_passkey(
         return True
 
     if isinstance(credential_id, str) and mfa.guarded_update(
-        user["username"], user["password_hash"], mfa.factor_id(user), apply
+        user["username"], user["password_hash"], mfa.factor_id(user), auth.for_this_session(apply)
     ):
         return names[-1]
     return None

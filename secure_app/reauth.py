@@ -31,8 +31,8 @@ from flask_wtf import FlaskForm
 from wtforms import PasswordField, StringField
 from wtforms.validators import Length
 
-from . import audit, mfa, passwords, sessions
-from .auth import login_required, safe_next
+from . import audit, events, mail, mfa, passwords, sessions
+from .auth import for_this_session, login_required, safe_next
 from .security import limiter, session_user_key
 
 bp = Blueprint("reauth", __name__)
@@ -118,8 +118,10 @@ def reauthenticate() -> Any:
         code = form.code.data or ""
         if code.strip() and has_factor:  # the code exactly as typed: mfa decides what counts
             match = mfa.check_code(user, code, now)
-            ok = match is not None and _renew(user, now, mfa.consume(match))
+            ok = match is not None and _renew(user, now, using(match))
             how = match.kind if match else "code"
+            if ok and how == "recovery":
+                mail.notify(user, "recovery_code_used")
         else:
             ok = bool(form.password.data) and passwords.verify_password(
                 user["password_hash"], form.password.data
@@ -138,6 +140,20 @@ def reauthenticate() -> Any:
     return render_template(
         "security/reauthenticate.html", form=form, has_factor=has_factor, next=target
     ), status
+
+
+def using(match: mfa.Match) -> Callable[[dict[str, Any]], bool]:
+    """Use up ``match``; a recovery code used is an event the owner sees (events.py)."""
+    consume = mfa.consume(match)
+
+    def use(record: dict[str, Any]) -> bool:
+        if not consume(record):
+            return False
+        if match.kind == "recovery":
+            events.record(record, "recovery_code_used")
+        return True
+
+    return use
 
 
 def renew(user: dict[str, Any], now: int, change: Callable[[dict[str, Any]], bool]) -> bool:
@@ -161,8 +177,6 @@ def _renew(user: dict[str, Any], now: int, change: Callable[[dict[str, Any]], bo
     # Only while this session is still live in the record: a re-authentication
     # racing "log out everywhere else" or reset-two-factor must not bring back
     # the session they ended (auth.for_this_session refuses it).
-    from .auth import for_this_session  # auth's login hands over to modules that import reauth
-
     guarded = for_this_session(renew)
     factor = mfa.factor_id(user)
     if not mfa.guarded_update(user["username"], user["password_hash"], factor, guarded):

@@ -36,7 +36,7 @@ from wtforms import HiddenField, StringField
 from wtforms.validators import DataRequired, Length
 
 from . import audit, events, mail, mfa, reauth, security_page, sessions
-from .auth import login_required, safe_next
+from .auth import for_this_session, login_required, safe_next
 from .reauth import fresh_auth_required
 from .security import limiter, login_failed
 from .store import get_store
@@ -49,7 +49,22 @@ PENDING_FIELD = "pending_login"
 PENDING_TTL = 300
 CODE_FAILED = "That code did not work. Use the current code from your app, or a recovery code."
 # What a logged-in user without a factor may still reach when two-factor is required.
-GATE_OPEN = frozenset({"two_factor.totp", "reauth.reauthenticate", "auth.logout", "static", None})
+# What a user without a factor may reach under REQUIRE_TWO_FACTOR: enrolment
+# (an authenticator app, or a passkey from the security page), confirming it
+# is them, a verification link, logging out.
+GATE_OPEN = frozenset(
+    {
+        "two_factor.totp",
+        "two_factor.security",
+        "passkeys.add_begin",
+        "passkeys.add",
+        "reauth.reauthenticate",
+        "recovery.verify_email",
+        "auth.logout",
+        "static",
+        None,
+    }
+)
 
 
 def init_app(app: Flask) -> None:
@@ -208,7 +223,7 @@ def second_step() -> Any:
         match = mfa.check_code(record, form.code.data, now)
         verified = record["password_hash"]
         if match and mfa.guarded_update(
-            username, verified, mfa.factor_id(record), spend_pending(state, mfa.consume(match))
+            username, verified, mfa.factor_id(record), spend_pending(state, reauth.using(match))
         ):
             from .auth import begin_session  # auth will import this module
 
@@ -290,7 +305,8 @@ def totp() -> Any:
                 events.record(record, "totp_enabled")
 
             # Factor None: refused if a factor appeared meanwhile (another tab).
-            if not mfa.guarded_update(username, user["password_hash"], None, switch_on):
+            switch_on_here = for_this_session(switch_on)  # not for a session ended meanwhile
+            if not mfa.guarded_update(username, user["password_hash"], None, switch_on_here):
                 flash("Your sign-in settings changed meanwhile. Please look again.", "error")
                 return redirect(url_for("two_factor.security"), 303)
             audit.event("totp_enabled", username)
@@ -331,7 +347,9 @@ def disable_totp() -> Response:
     username = user["username"]
     if not mfa.has_totp(user):
         flash("Two-step sign-in was already off.", "info")
-    elif mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), _switch_off):
+    elif mfa.guarded_update(
+        username, user["password_hash"], mfa.factor_id(user), for_this_session(_switch_off)
+    ):
         audit.event("totp_disabled", username)
         mail.notify(user, "totp_disabled")
         flash("Two-step sign-in is off. Your app's codes and your recovery codes no longer work.")
@@ -356,7 +374,8 @@ def regenerate_codes() -> Any:
         record["recovery_codes"] = hashes
         events.record(record, "recovery_codes_regenerated")
 
-    if not mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), replace):
+    replace_here = for_this_session(replace)
+    if not mfa.guarded_update(username, user["password_hash"], mfa.factor_id(user), replace_here):
         flash("Your sign-in settings changed meanwhile. Please look again.", "error")
         return redirect(url_for("two_factor.security"), 303)
     audit.event("recovery_codes_regenerated", username)

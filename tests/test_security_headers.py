@@ -509,3 +509,9 @@ def test_gunicorn_does_not_believe_a_forwarded_proto_from_a_loopback_client(tmp_
         conn.request("GET", "/second", headers={"Host": "evil.example"})
         assert conn.getresponse().status == 400  # production answers only its own name
         conn.close()
+
+
+def test_a_database_url_refuses_to_start_until_postgresql_is_built(tmp_path):
+    """Better no start than a site quietly on the text database while the operator thinks not."""
+    with pytest.raises(RuntimeError, match="FLASK_DATABASE_URL"):
+        make_app(tmp_path, DATABASE_URL="postgresql://app@127.0.0.1/secure_app")

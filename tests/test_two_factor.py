@@ -585,10 +585,12 @@ def test_required_two_factor_sends_users_without_one_to_enrolment(
     auth = AuthActions(client)
     auth.register()  # anonymous pages stay open
     assert auth.login().status_code == 302
-    for page in ("/", "/second", "/account-details", "/security", "/change-password"):
+    for page in ("/", "/second", "/account-details", "/change-password"):
         response = client.get(page)
         assert response.status_code == 303, page
         assert response.headers["Location"] == "/security/totp"
+    # The security page stays open: a passkey is the other way to enrol.
+    assert 'id="add-passkey"' in client.get("/security").get_data(as_text=True)
     before = stored_bytes(app)
     response = client.post(
         "/account-details",

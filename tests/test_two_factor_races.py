@@ -128,3 +128,40 @@ def test_reauthentication_racing_end_session_does_not_revive_the_ended_session(
     assert who(laptop) is None
     assert who(phone) == "alice"
     assert len(record(app)["sessions"]) == 1
+
+
+def test_an_enrolment_in_flight_does_not_land_after_its_session_was_ended(app, clock, monkeypatch):
+    """Found by the review: a thief's TOTP enrolment must not outlive "log out everywhere else"."""
+    from test_races import _before_first_update
+    from test_two_factor import CSRF_RE, ENROLMENT_RE, SECRET_RE
+
+    thief, owner = app.test_client(), app.test_client()
+    AuthActions(thief).register()
+    assert AuthActions(thief).login().status_code == 302
+    assert AuthActions(owner).login().status_code == 302
+    html = thief.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    done = _before_first_update(monkeypatch, app, lambda: post(owner, "/logout-others").status_code)
+    thief.post(
+        "/security/totp",
+        data={
+            "code": mfa.code_at(secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(html).group(1),
+            "csrf_token": next(g for g in CSRF_RE.search(html).groups() if g),
+        },
+    )
+    assert done and done[0] in (302, 303)  # the owner logged out everywhere else
+    assert not mfa.has_factor(record(app))  # and the thief's factor did not land after it
+    assert who(thief) is None and who(owner) == "alice"
+
+
+def test_a_recovery_code_used_to_reauthenticate_is_an_event(app, clock):
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    _, codes = enrol(client, clock)
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = post(client, "/reauthenticate", {"code": codes[0]}, token_from="/reauthenticate")
+    assert response.status_code == 303
+    assert record(app)["events"][-1]["k"] == "recovery_code_used"
+    assert mfa.recovery_left(record(app)) == 9
