@@ -137,24 +137,40 @@ class AccountForm(FlaskForm):
     photo = FileField("Profile photo (JPEG, PNG or WebP, at most 5 MiB)")
 
 
+def _new_password_field() -> PasswordField:
+    return PasswordField(
+        "New password", validators=[DataRequired("Choose a new password."), _password_length()]
+    )
+
+
+def _repeat_field(of: str) -> PasswordField:
+    return PasswordField(
+        "Repeat the new password",
+        validators=[DataRequired("Repeat the new password."), EqualTo(of, "Does not match.")],
+    )
+
+
 class ChangePasswordForm(FlaskForm):
     current_password = PasswordField(
         "Current password",
         validators=[DataRequired("Enter your current password."), Length(max=passwords.MAX_LENGTH)],
     )
-    new_password = PasswordField(
-        "New password", validators=[DataRequired("Choose a new password."), _password_length()]
-    )
-    confirm = PasswordField(
-        "Repeat the new password",
-        validators=[
-            DataRequired("Repeat the new password."),
-            EqualTo("new_password", "Does not match."),
-        ],
-    )
+    new_password = _new_password_field()
+    confirm = _repeat_field("new_password")
 
     def validate_new_password(self, field: PasswordField) -> None:
         if not field.errors:
+            _strong_password(self, field)
+
+
+class ResetForm(FlaskForm):
+    """The new password behind a reset link (DESIGN.md: fields ``password`` and ``confirm``)."""
+
+    password = _new_password_field()
+    confirm = _repeat_field("password")
+
+    def validate_password(self, field: PasswordField) -> None:
+        if not field.errors:  # after the length check: zxcvbn never sees 10 kB
             _strong_password(self, field)
 
 

@@ -41,11 +41,11 @@ from flask import (
 )
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
-from wtforms import EmailField, PasswordField
-from wtforms.validators import DataRequired, Email, EqualTo, Length
+from wtforms import EmailField
+from wtforms.validators import DataRequired, Email, Length
 
 from . import audit, events, mail, passwords
-from .forms import USERNAME_RE, _password_length, _strong_password
+from .forms import USERNAME_RE, ResetForm
 from .security import limiter
 from .store import Record, RecordGone, get_store
 
@@ -82,23 +82,6 @@ class ForgotForm(FlaskForm):
             Email("Enter an email address such as name@example.org."),
         ],
     )
-
-
-class ResetForm(FlaskForm):
-    password = PasswordField(
-        "New password", validators=[DataRequired("Choose a new password."), _password_length()]
-    )
-    confirm = PasswordField(
-        "Repeat the new password",
-        validators=[
-            DataRequired("Repeat the new password."),
-            EqualTo("password", "Does not match."),
-        ],
-    )
-
-    def validate_password(self, field: PasswordField) -> None:
-        if not field.errors:  # after the length check: zxcvbn never sees 10 kB
-            _strong_password(self, field)
 
 
 class ConfirmForm(FlaskForm):
