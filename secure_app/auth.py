@@ -31,10 +31,10 @@ bp = Blueprint("auth", __name__)
 
 LOGIN_FAILED = "Invalid username or password."
 SESSION_EXPIRED = "Your session has expired. Please log in again."
-# Public files and the login page itself: no redirect to the login page for those.
-# Reset and verification links keep working too: the link in the mail is what the user came for.
-NO_ENDED_REDIRECT = frozenset(
-    {"static", "account.photo", "auth.login", "recovery.reset_password", "recovery.verify_email"}
+# Where "this session was ended elsewhere" would only be noise: files, and the
+# pages of a mailed link (the link is what the user came for).
+NO_ENDED_NOTICE = frozenset(
+    {"static", "account.photo", "recovery.reset_password", "recovery.verify_email"}
 )
 SESSION_ENDED = (
     "You were signed out: this session was ended elsewhere "
@@ -66,7 +66,7 @@ def load_logged_in_user() -> Response | None:
             flash(SESSION_EXPIRED, "info")
             if request.method == "GET":
                 return redirect(url_for("auth.login", next=_here()))
-        elif request.method == "GET" and request.endpoint not in NO_ENDED_REDIRECT:
+        elif request.method == "GET" and request.endpoint not in NO_ENDED_NOTICE:
             # Ended on the server while this browser still held the cookie: this
             # browser's own logout clears the cookie, so it never lands here.
             # Said on the page the browser asked for; a page that needs a login

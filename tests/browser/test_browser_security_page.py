@@ -6,12 +6,14 @@ from with ``X-Forwarded-For`` (documentation addresses, RFC 5737) and the page
 shows three addresses instead of 127.0.0.1 three times. The second profile
 also sends a Firefox User-Agent, so the page names two different browsers.
 
-Makes docs/security-page.png and docs/sign-in-notice.png.
+Makes docs/security-page.png and docs/sign-in-notice.png with UPDATE_DOCS_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +33,13 @@ from browsing import (
 )
 from servers import Gunicorn
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# The screenshots go to docs/ only when asked (UPDATE_DOCS_SCREENSHOTS=1): a
+# test run must not change tracked files. Otherwise they go to a temporary folder.
+DOCS = (
+    Path(__file__).resolve().parents[2] / "docs"
+    if os.environ.get("UPDATE_DOCS_SCREENSHOTS")
+    else Path(tempfile.mkdtemp(prefix="secure_app-shots-"))
+)
 FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
 ENDED = "this session was ended elsewhere"
 
