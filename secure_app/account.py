@@ -65,7 +65,7 @@ def details() -> Any:
     form = AccountForm(data={field: user.get(field, "") for field in PROFILE_FIELDS})
     if form.validate_on_submit():
         new_email = (form.email.data or "").strip()
-        email_changed = new_email != (user.get("email") or "")
+        email_changed = _changes_email()
         if email_changed and not reauth.is_fresh():
             # The address that receives reset links is a factor's worth of
             # trust (V7.5.1): confirm it is the owner before anything is saved.

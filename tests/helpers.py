@@ -111,6 +111,11 @@ class AuthActions:
         token = csrf_token(self._client, "/account-details")
         return self._client.post("/logout", data={"csrf_token": token})
 
+    def change_password(self, current: str = PASSWORD, new: str = OTHER_PASSWORD):
+        token = csrf_token(self._client, "/change-password")
+        data = {"current_password": current, "new_password": new, "confirm": new}
+        return self._client.post("/change-password", data={**data, "csrf_token": token})
+
 
 @contextlib.contextmanager
 def file_size_limit(limit: int) -> Iterator[None]:

@@ -8,7 +8,7 @@ import pytest
 from test_recovery import body, confirm, link_of, outbox, record
 from test_two_factor import two_factor_app
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, stored_bytes
+from helpers import AuthActions, csrf_token, stored_bytes
 
 
 @pytest.fixture
@@ -79,17 +79,7 @@ def test_a_password_change_is_notified_to_the_verified_address(app, client):
     logged_in(client)
     save(client, "alice@example.org")
     confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
-    token = csrf_token(client, "/change-password")
-    changed = client.post(
-        "/change-password",
-        data={
-            "current_password": PASSWORD,
-            "new_password": OTHER_PASSWORD,
-            "confirm": OTHER_PASSWORD,
-            "csrf_token": token,
-        },
-    )
-    assert changed.status_code == 302
+    assert AuthActions(client).change_password().status_code == 302
     notice = [m for m in outbox(app) if m["To"] == "alice@example.org"][-1]
     assert "Your password was changed" in body(notice)
     assert "127.0.0.1" in body(notice)

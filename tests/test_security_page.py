@@ -408,16 +408,7 @@ def test_the_cap_defaults_to_twenty(tmp_path):
 def test_events_are_listed_newest_first_with_time_and_address(app):
     client = logged_in(app, FIREFOX, "198.51.100.7")
     failed_login(browser(app, SAFARI, "203.0.113.7"))
-    token = csrf_token(client, "/change-password")
-    client.post(
-        "/change-password",
-        data={
-            "current_password": PASSWORD,
-            "new_password": OTHER_PASSWORD,
-            "confirm": OTHER_PASSWORD,
-            "csrf_token": token,
-        },
-    )
+    AuthActions(client).change_password()
     html = client.get("/security").get_data(as_text=True)
     section = html[html.index('id="recent-activity"') :]
     order = [
