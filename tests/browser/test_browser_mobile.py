@@ -23,6 +23,9 @@ def assert_fits(page: Page, name: str) -> None:
 
 def assert_fields_fit(page: Page) -> None:
     """Every visible field and button lies inside the screen and is wide enough to use."""
+    # Measure the page as styled: right after a redirect the DOM can be there
+    # before site.css is applied, and an unstyled button is 21 px high.
+    page.wait_for_load_state("load")
     width = page.viewport_size["width"]
     controls = page.locator("main input:visible, main textarea:visible, main button:visible")
     assert controls.count() > 0
