@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from secure_app.store import Store, encode_line, new_user
+from secure_app.store import new_user
+from secure_app.store.text import TextStore, encode_line
 
 FAKE_HASH = "$argon2id$v=19$m=65536,t=3,p=4$" + "A" * 22 + "$" + "B" * 43
 
@@ -48,7 +49,7 @@ def load_store(folder: Path, users: int) -> Store:
             f.write(encode_line(record["username"], record))
         f.flush()
         os.fsync(f.fileno())
-    store = Store(folder)
+    store = TextStore(folder)
     assert len(store) == users
     return store
 
@@ -68,7 +69,7 @@ def load_sqlite(path: Path, users: int) -> sqlite3.Connection:
 
 
 def sqlite_update(db: sqlite3.Connection, key: str, change: Callable[[dict], None]) -> None:
-    """The same read-modify-write as Store.update, as one SQLite transaction."""
+    """The same read-modify-write as TextStore.update, as one SQLite transaction."""
     db.execute("BEGIN IMMEDIATE")
     (raw,) = db.execute("SELECT v FROM users WHERE k = ?", (key,)).fetchone()
     record = json.loads(raw)

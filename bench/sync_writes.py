@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from secure_app.store import _identity
+from secure_app.store.text import _identity
 
 LINE = b'{"k":"x","v":{"bio":"' + b"b" * 670 + b'"}}\n'
 RESERVE = 16 * 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from flask import (
@@ -13,7 +14,7 @@ from flask import (
     redirect,
     render_template,
     request,
-    send_from_directory,
+    send_file,
     url_for,
 )
 from werkzeug.exceptions import ServiceUnavailable
@@ -23,6 +24,7 @@ from . import audit, reauth, recovery, sessions, uploads
 from .auth import login_required, update_own
 from .forms import AccountForm, DeleteAccountForm
 from .security import carries_no_photo, limiter, session_user_key
+from .store import get_photos
 
 bp = Blueprint("account", __name__)
 
@@ -35,10 +37,6 @@ EMAIL_OUTCOMES = {
 }
 # What a busy server tells the browser to wait before sending the photo again.
 UPLOAD_RETRY_SECONDS = 2
-
-
-def _photo_dir() -> str:
-    return current_app.config["PHOTO_DIR"]
 
 
 @bp.route("/account-details", methods=("GET", "POST"))
@@ -116,7 +114,7 @@ def _save(fields: dict[str, str], image: bytes | None) -> None:
     The old photo's name is read inside the store's lock, from the record as
     it is changed, never from the copy loaded at the start of the request.
     """
-    new_name = uploads.save(image, _photo_dir()) if image is not None else None
+    new_name = uploads.save(image, get_photos()) if image is not None else None
     old: list[str | None] = []
 
     def change(record: dict[str, Any]) -> None:
@@ -128,10 +126,10 @@ def _save(fields: dict[str, str], image: bytes | None) -> None:
     try:
         update_own(change)  # only into this session's account, if it still exists
     except BaseException:
-        uploads.remove(_photo_dir(), new_name)  # no orphan file when the save fails
+        uploads.remove(get_photos(), new_name)  # no orphan file when the save fails
         raise
     if old:
-        uploads.remove(_photo_dir(), old[0])
+        uploads.remove(get_photos(), old[0])
 
 
 @bp.post("/account-details/remove-photo")
@@ -145,7 +143,7 @@ def remove_photo() -> Response:
         record["photo"] = None
 
     update_own(change)
-    uploads.remove(_photo_dir(), old[0])
+    uploads.remove(get_photos(), old[0])
     flash("Your photo has been removed.", "success")
     return redirect(url_for("account.details"), 303)
 
@@ -155,7 +153,18 @@ def photo(name: str) -> Response:
     """Serve a stored photo. Only names the server makes can match; others are 404."""
     if not uploads.NAME_RE.match(name):
         abort(404)
-    response = send_from_directory(_photo_dir(), name, mimetype=uploads.MIMETYPE)
+    stored = get_photos().get(name)
+    if stored is None:
+        abort(404)
+    # A name's bytes never change (a new photo gets a new name), so the name
+    # is a strong ETag, the same on every host and on either backend.
+    response = send_file(
+        io.BytesIO(stored.data),
+        mimetype=uploads.MIMETYPE,
+        etag=name.removesuffix(uploads.EXTENSION),
+        last_modified=stored.modified,
+        conditional=True,
+    )
     # Revalidate every time (a cheap 304): a removed photo must not live on in caches.
     response.cache_control.no_cache = True
     response.cache_control.private = True

@@ -25,7 +25,7 @@ from werkzeug.wrappers import Response
 from . import audit, events, mail, mfa, passwords, sessions, uploads
 from .forms import ChangePasswordForm, DeleteAccountForm, LoginForm, RegisterForm
 from .security import limiter, login_failed, login_username_key, session_user_key
-from .store import Record, RecordGone, StoreError, get_store, new_user
+from .store import Record, RecordGone, StoreError, get_photos, get_store, new_user
 
 bp = Blueprint("auth", __name__)
 
@@ -469,5 +469,5 @@ def _delete(username: str, verified_hash: str) -> bool:
         return False
     if not deleted:
         raise RecordGone(username)  # deleted from elsewhere meanwhile: log out
-    uploads.remove(_config("PHOTO_DIR"), photo[0])
+    uploads.remove(get_photos(), photo[0])  # PostgreSQL removed it with the record already
     return True

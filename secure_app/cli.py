@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from flask.cli import with_appcontext
 from . import audit, events, mail, mfa, passwords, uploads
 from .config import rotate_keys
 from .forms import USERNAME_RE, normalize_username
-from .store import get_store, new_user
+from .store import get_photos, get_store, new_user
+from .store.text import UPLOAD_TMP_RE
 
 
 def init_app(app: Flask) -> None:
@@ -74,10 +74,8 @@ def rotate_secret_key() -> None:
         click.echo("Note: FLASK_SECRET_KEY is set and overrides the key file.", err=True)
 
 
-# uploads.save writes ".upload-<random>.tmp" (tempfile.mkstemp) before renaming it into place.
-UPLOAD_TMP_RE = re.compile(r"\.upload-[A-Za-z0-9_]+\.tmp\Z")
-# A save writes the photo file first and points the record at it a moment
-# later (one store write). A file younger than this may be in that moment.
+# A save stores the photo first and points the record at it a moment later
+# (one store write). A photo younger than this may be in that moment.
 PRUNE_GRACE = 3600
 
 
@@ -87,45 +85,38 @@ PRUNE_GRACE = 3600
     default=PRUNE_GRACE,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Keep files younger than this many seconds: an upload in progress writes its file "
+    help="Keep photos younger than this many seconds: an upload in progress stores its photo "
     "before its record points to it.",
 )
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @with_appcontext
 def prune_photos(grace: int, dry_run: bool) -> None:
-    """Remove photo files that no record points to, and uploads a crash left half-written."""
-    folder = Path(current_app.config["PHOTO_DIR"])
-    if not folder.is_dir():
-        click.echo(f"No photo folder at {folder}: nothing to prune.")
-        return
-    # Files first, records second. Only a save names a record's photo, and
-    # only with a file it wrote just before: a file already older than the
+    """Remove photos that no record points to, and uploads a crash left half-written."""
+    photos = get_photos()
+    # Photos first, records second. Only a save names a record's photo, and
+    # only with a photo it stored just before: one already older than the
     # grace period cannot become a record's photo later. Anything whose name
     # the server could not have made is not ours and is never touched.
     cutoff = time.time() - grace
-    candidates = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            ours = uploads.NAME_RE.match(entry.name) or UPLOAD_TMP_RE.match(entry.name)
-            if not ours or not entry.is_file(follow_symlinks=False):
-                continue
-            if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
-                candidates.append(entry.name)
+    stored = photos.listing()
+    candidates = [
+        name
+        for name, modified in stored.items()
+        if (uploads.NAME_RE.match(name) or UPLOAD_TMP_RE.match(name)) and modified <= cutoff
+    ]
     store = get_store()
     records = [r for r in (store.get(key) for key in store.keys()) if r is not None]
     referenced = {r.get("photo") for r in records}
     orphans = sorted(name for name in candidates if name not in referenced)
     for name in orphans:
         if not dry_run:
-            (folder / name).unlink(missing_ok=True)
+            photos.remove(name)
         click.echo(f"{'would remove' if dry_run else 'removed'} {name}")
     verb = "Would remove" if dry_run else "Removed"
-    click.echo(f"{verb} {len(orphans)} file(s) no record points to, in {folder}.")
-    missing = sorted(
-        r["username"] for r in records if r.get("photo") and not (folder / r["photo"]).is_file()
-    )
+    click.echo(f"{verb} {len(orphans)} photo(s) no record points to.")
+    missing = sorted(r["username"] for r in records if r.get("photo") and r["photo"] not in stored)
     if missing:
-        click.echo(f"Records whose photo file is missing: {', '.join(missing)}", err=True)
+        click.echo(f"Records whose photo is missing: {', '.join(missing)}", err=True)
 
 
 @click.command("reset-two-factor")

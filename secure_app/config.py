@@ -23,6 +23,15 @@ from flask import Flask
 
 DEFAULTS: dict[str, object] = {
     "DATA_DIR": "data",
+    # Unset: the text database in DATA_DIR and photos in PHOTO_DIR. postgresql://...:
+    # records and photos in PostgreSQL (store/postgres.py), for several hosts.
+    "DATABASE_URL": None,
+    # Connections per process: one for each gunicorn thread, plus two for the
+    # threads that write after a response (events) or outside one (the mail queue).
+    "DATABASE_POOL_SIZE": int(os.environ.get("GUNICORN_THREADS", "8")) + 2,
+    # Seconds a request waits for a connection before the 503 page: a database
+    # that is down must not hold every thread for long.
+    "DATABASE_TIMEOUT": 5.0,
     "FORCE_HTTPS": False,
     # The site's canonical origin (default http://localhost:$PORT, set in
     # configure): the https redirect and every absolute link go there.
@@ -110,12 +119,12 @@ def configure(app: Flask, test_config: dict | None) -> None:
         app.config["SESSION_COOKIE_NAME"] = "__Host-session"
     app.config["PREFERRED_URL_SCHEME"] = "https" if force_https else "http"
     app.config["PUBLIC_URL"] = public_origin(app.config["PUBLIC_URL"], force_https)
-    if app.config.get("DATABASE_URL"):
+    url = app.config.get("DATABASE_URL")
+    if url and not str(url).startswith(("postgresql://", "postgres://")):
         # Better no start than a site that quietly writes to the text database
-        # while the operator believes it is on PostgreSQL.
+        # while the operator believes it is on some other database.
         raise RuntimeError(
-            "FLASK_DATABASE_URL is set, but this version stores data only in the text "
-            "database (PostgreSQL is not built yet). Unset it to use FLASK_DATA_DIR."
+            "FLASK_DATABASE_URL must be a postgresql:// URL; unset it to use the text database."
         )
 
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)

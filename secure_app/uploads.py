@@ -18,23 +18,19 @@ as busy, so uploads never hold more than four of gunicorn's eight threads.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 from PIL import Image, PngImagePlugin
 
-from .store import StoreError
+from .store import Photos, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -407,46 +403,21 @@ def reencode(data: bytes) -> bytes:
         raise UploadBusy(_BUSY) from None
 
 
-def save(image: bytes, folder: str | os.PathLike[str]) -> str:
-    """Write ``image`` under a new random name in ``folder`` and return the name.
-
-    The bytes go to a temporary file in the same folder and are renamed into
-    place, so a reader never sees half a photo; on any failure nothing is left.
-    """
-    folder = Path(folder)
+def save(image: bytes, photos: Photos) -> str:
+    """Store ``image`` (re-encoded bytes) under a new random name and return the name."""
     name = secrets.token_hex(16) + EXTENSION  # 128 bits: not guessable, never client-made
-    tmp: str | None = None
-    placed = False
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / name)
-        placed = True
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        # Clean up without letting a second error hide the first one.
-        with contextlib.suppress(OSError):
-            if placed:
-                (folder / name).unlink()
-            elif tmp is not None:
-                os.unlink(tmp)
-        raise StoreError(f"cannot save the photo: {exc.strerror}") from exc
+    photos.put(name, image)
     return name
 
 
-def remove(folder: str | os.PathLike[str], name: str | None) -> None:
-    """Delete a stored photo; names that the server could not have made are ignored."""
+def remove(photos: Photos, name: str | None) -> None:
+    """Delete a stored photo; names that the server could not have made are ignored.
+
+    A failure is logged, not raised: the record no longer points to the photo,
+    so what is left is an orphan that ``flask prune-photos`` removes later.
+    """
     if name and NAME_RE.match(name):
         try:
-            (Path(folder) / name).unlink(missing_ok=True)
-        except OSError:
+            photos.remove(name)
+        except (OSError, StoreError):
             log.exception("could not remove photo %s", name)

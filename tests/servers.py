@@ -1,4 +1,4 @@
-"""Real servers for tests and benchmarks: gunicorn serving the app, and redis-server.
+"""Real servers for tests and benchmarks: gunicorn serving the app, redis-server, PostgreSQL.
 
 Both bind to 127.0.0.1 on a free port and are stopped by whoever started them
 (use them as context managers).
@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,3 +149,105 @@ class Redis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# Debian's postgresql package keeps its binaries here, off PATH.
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def postgres_bin() -> Path | None:
+    """The folder with initdb and pg_ctl, or None when PostgreSQL is not installed."""
+    found = shutil.which("pg_ctl")
+    if (PG_BIN / "pg_ctl").is_file():
+        return PG_BIN
+    return Path(found).parent if found else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster in its own temporary folder, on a free loopback port.
+
+    The app connects over TCP as the role ``secure_app`` with a password
+    (scram-sha-256), which owns its databases and is no superuser: the least
+    privilege a deployment should give the app (SECURITY.md). The superuser
+    ``postgres`` is reached only through the cluster's own Unix socket.
+    PostgreSQL refuses to run as root, so as root the cluster is run as the
+    ``postgres`` system user, which the package creates.
+    """
+
+    PASSWORD = "test-only-password"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.tmp: Path | None = None
+        self.bin = postgres_bin()
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=120)
+
+    def __enter__(self) -> Postgres:
+        if self.bin is None:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.tmp = Path(tempfile.mkdtemp(prefix="secure_app-pg-"))
+        if self.run_as:
+            shutil.chown(self.tmp, "postgres", "postgres")
+        secret = self.tmp / "pwfile"
+        secret.write_text("unused\n")  # initdb needs one for scram; the superuser uses the socket
+        if self.run_as:
+            shutil.chown(secret, "postgres", "postgres")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth-local=peer" if self.run_as else "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={secret}",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+        self.start()
+        self.admin(
+            f"CREATE ROLE secure_app LOGIN PASSWORD '{self.PASSWORD}' NOSUPERUSER NOCREATEROLE",
+            "CREATE DATABASE secure_app OWNER secure_app",
+        )
+        return self
+
+    @property
+    def data(self) -> Path:
+        assert self.tmp is not None
+        return self.tmp / "data"
+
+    def start(self) -> None:
+        """Start the cluster (again), on the same port; wait until it accepts connections."""
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.tmp}"
+        self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
+            str(self.tmp / "log"), "-w", "-t", "60", "start",
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the cluster: ``fast`` ends every session cleanly, ``immediate`` is a crash."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def admin(self, *statements: str, database: str = "postgres") -> None:
+        """Run statements as the superuser, through the cluster's own socket."""
+        for statement in statements:
+            self._run(
+                str(self.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.tmp),
+                "-p", str(self.port), "-U", "postgres", "-d", database, "-c", statement,
+            )  # fmt: skip
+
+    def url(self, database: str = "secure_app") -> str:
+        return f"postgresql://secure_app:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is None:
+            return
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass  # already stopped by the test
+        shutil.rmtree(self.tmp, ignore_errors=True)

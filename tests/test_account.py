@@ -15,7 +15,7 @@ from PIL import Image
 import images
 from helpers import csrf_token, file_size_limit, record_lines
 from secure_app import uploads
-from secure_app.store import Store
+from secure_app.store.text import TextStore
 
 FIELDS = ("full_name", "email", "phone", "bio")
 VALID = {
@@ -340,7 +340,7 @@ def test_failed_save_leaves_no_orphan_photo_and_keeps_the_old_one(app, logged_in
     upload(logged_in, images.png())
     old = record(app)["photo"]
     # No reserved space left in the data file, so the save has to grow it.
-    monkeypatch.setattr(Store, "reserve", 0)
+    monkeypatch.setattr(TextStore, "reserve", 0)
     app.extensions["secure_app.store"].compact()
     before = data_file(app).read_bytes()
     new_photo = images.jpeg((8, 8))

@@ -162,7 +162,7 @@ def test_prune_photos_removes_only_old_files_no_record_points_to(app, runner, lo
     assert kept.is_file() and fresh.is_file() and half_fresh.is_file()
     assert all(path.exists() for path in foreign)
     assert (folder / ("01" * 16 + ".webp")).is_symlink()
-    assert "Removed 2 file(s)" in result.output
+    assert "Removed 2 photo(s)" in result.output
     assert logged_in.get("/public/images/profile/" + kept.name).status_code == 200
 
 
@@ -203,10 +203,11 @@ def test_prune_photos_reports_records_whose_photo_is_missing(app, runner, logged
     photo.unlink()
     result = runner.invoke(args=["prune-photos"])
     assert result.exit_code == 0
-    assert "Records whose photo file is missing: alice" in result.output
+    assert "Records whose photo is missing: alice" in result.output
 
 
 def test_prune_photos_without_a_photo_folder_does_nothing(app, runner):
     result = runner.invoke(args=["prune-photos"])
     assert result.exit_code == 0
-    assert "nothing to prune" in result.output
+    assert "Removed 0 photo(s)" in result.output
+    assert not Path(app.config["PHOTO_DIR"]).exists()

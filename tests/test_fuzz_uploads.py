@@ -21,6 +21,7 @@ from PIL import Image
 import images
 from helpers import AuthActions, csrf_token, make_app
 from secure_app import ROOT, uploads
+from secure_app.store.text import FolderPhotos
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -235,7 +236,7 @@ def test_remove_never_deletes_anything_for_a_hostile_name(tmp_path_factory, name
     victims = [root / "victim.png", root / "users.jsonl", folder / "keep.png"]
     for victim in victims:
         victim.write_bytes(b"keep")
-    uploads.remove(folder, name)
+    uploads.remove(FolderPhotos(folder), name)
     assert all(victim.exists() for victim in victims)
 
 
@@ -243,6 +244,6 @@ def test_remove_never_deletes_anything_for_a_hostile_name(tmp_path_factory, name
 def test_save_writes_only_a_server_named_file_inside_the_folder(tmp_path_factory, body):
     root = tmp_path_factory.mktemp("save")
     folder = root / "photos"
-    name = uploads.save(body, folder)
+    name = uploads.save(body, FolderPhotos(folder))
     assert uploads.NAME_RE.match(name)
     assert tree(root) == {f"photos/{name}": body}

@@ -28,7 +28,8 @@ from PIL import Image
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
 from secure_app import passwords
 from secure_app.auth import LOGIN_FAILED
-from secure_app.store import Store, get_store
+from secure_app.store import get_store
+from secure_app.store.text import TextStore
 
 NEW_PASSWORD = "quartz lantern drifts over seven meadows"
 
@@ -153,7 +154,7 @@ def _upload(client):
 
 
 def test_only_if_unchanged_applies_the_change_only_to_the_verified_hash(tmp_path):
-    store = Store(tmp_path / "data")
+    store = TextStore(tmp_path / "data")
     store.create("alice", {"password_hash": "H1", "bio": ""})
     store.update("alice", passwords.only_if_unchanged("H1", lambda r: r.update(bio="kept")))
     store.update("alice", lambda r: r.update(password_hash="H2"))  # changed meanwhile
@@ -432,7 +433,7 @@ def test_logins_racing_a_password_change_over_http_leave_nothing_of_the_old_pass
                 },
                 timeout=30,
             )
-        store = Store(tmp_path / "data")
+        store = TextStore(tmp_path / "data")
         rng = random.Random(13)
         for _ in range(rounds):
             owner, attacker = requests.Session(), requests.Session()

@@ -511,7 +511,8 @@ def test_gunicorn_does_not_believe_a_forwarded_proto_from_a_loopback_client(tmp_
         conn.close()
 
 
-def test_a_database_url_refuses_to_start_until_postgresql_is_built(tmp_path):
+@pytest.mark.parametrize("url", ["mysql://app@127.0.0.1/secure_app", "sqlite:///users.db", "x"])
+def test_a_database_url_that_is_not_postgresql_refuses_to_start(tmp_path, url):
     """Better no start than a site quietly on the text database while the operator thinks not."""
     with pytest.raises(RuntimeError, match="FLASK_DATABASE_URL"):
-        make_app(tmp_path, DATABASE_URL="postgresql://app@127.0.0.1/secure_app")
+        make_app(tmp_path, DATABASE_URL=url)

@@ -23,7 +23,8 @@ from helpers import (
 from secure_app import events, sessions
 from secure_app.auth import SESSION_ENDED
 from secure_app.security_page import IS_CURRENT, NOT_FOUND
-from secure_app.store import Store, get_store
+from secure_app.store import get_store
+from secure_app.store.text import TextStore
 from servers import Gunicorn, Redis, redis_server_path
 
 FIREFOX = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -440,18 +441,18 @@ def test_a_flood_of_failed_logins_never_grows_the_record_or_the_file_past_a_boun
     guesser = browser(app, SAFARI, "203.0.113.7")
     data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"
     sizes = []
-    for i in range(3 * Store.compact_min_dead):
+    for i in range(3 * TextStore.compact_min_dead):
         guesser.environ_base["REMOTE_ADDR"] = f"203.0.113.{i % 250}"
         failed_login(guesser)
         sizes.append(data_file.stat().st_size)
     rec = record(app)
     assert len(rec["events"]) == events.MAX_EVENTS
     assert all(e["k"] == "login_failure" for e in rec["events"])
-    assert rec["failed_logins"]["n"] == 3 * Store.compact_min_dead
+    assert rec["failed_logins"]["n"] == 3 * TextStore.compact_min_dead
     # Each superseded line is reclaimed by compaction: the file never holds
     # more than the dead-line allowance of full-size records, plus the reserve.
     longest = max(len(line) for line in record_lines(data_file)) + 1
-    bound = (Store.compact_min_dead + 3) * longest + 2 * Store.reserve
+    bound = (TextStore.compact_min_dead + 3) * longest + 2 * TextStore.reserve
     assert max(sizes) <= bound
     assert len(json.dumps(rec)) < 8 * 1024
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import secure_app.store as store_module
+import secure_app.store.text as store_module
 from helpers import file_size_limit, record_lines
-from secure_app.store import COMPACT_MIN_DEAD, RESERVE, Store, StoreError, encode_line, new_user
+from secure_app.store import StoreError, new_user
+from secure_app.store.text import COMPACT_MIN_DEAD, RESERVE, TextStore, encode_line
 
 NASTY_TEXT = [
     "plain",
@@ -38,7 +39,7 @@ def folder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(folder: Path):
-    s = Store(folder)
+    s = TextStore(folder)
     yield s
     s.close()
 
@@ -75,7 +76,7 @@ def test_any_text_round_trips_in_every_field_and_across_a_restart(store, folder,
     assert store.get(text + "key") == record
     store.update(text + "key", lambda r: r.update(bio=text + "!" + text))
     record["bio"] = text + "!" + text
-    again = Store(folder)  # as after a restart
+    again = TextStore(folder)  # as after a restart
     try:
         assert again.get(text + "key") == record
         assert again.keys() == [text + "key"]  # nothing smuggled in (no "mallory")
@@ -114,7 +115,7 @@ def test_lone_surrogate_is_escaped_so_the_file_stays_valid_utf8(store, folder):
 
 
 def seed_two(folder: Path) -> bytes:
-    writer = Store(folder)
+    writer = TextStore(folder)
     writer.create("alice", user("alice", bio="kept"))
     writer.create("bob", user("bob", bio="kept too"))
     writer.close()
@@ -123,7 +124,7 @@ def seed_two(folder: Path) -> bytes:
 
 def assert_healed(folder: Path, good: bytes) -> None:
     """A fresh store reads alice and bob only, and turns the torn bytes back into spaces."""
-    reader = Store(folder)
+    reader = TextStore(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]  # earlier records intact
         assert reader.get("alice")["bio"] == "kept"
@@ -132,7 +133,7 @@ def assert_healed(folder: Path, good: bytes) -> None:
         assert len(lines(folder)) == 3
     finally:
         reader.close()
-    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
+    assert sorted(TextStore(folder).keys()) == ["alice", "bob", "carol"]
 
 
 def test_torn_last_line_is_discarded_on_open_and_cleared(folder):
@@ -165,12 +166,12 @@ def test_line_with_a_lost_middle_is_not_a_record_even_when_it_parses(folder):
 
 def test_torn_write_that_grew_the_file_is_discarded(folder, monkeypatch):
     """Without reserved space a line is added at the end: a cut leaves a tail without newline."""
-    monkeypatch.setattr(Store, "reserve", 0)
+    monkeypatch.setattr(TextStore, "reserve", 0)
     good = seed_two(folder)
     assert good.endswith(b"}\n")  # no reserve: the file ends with the last record
     with open(folder / "users.jsonl", "ab") as f:
         f.write(encode_line("carol", user("carol"))[:40])
-    reader = Store(folder)
+    reader = TextStore(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]
         # The torn bytes became reserved space, which the next line goes into.
@@ -178,7 +179,7 @@ def test_torn_write_that_grew_the_file_is_discarded(folder, monkeypatch):
         assert reader.create("carol", user("carol"))
     finally:
         reader.close()
-    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
+    assert sorted(TextStore(folder).keys()) == ["alice", "bob", "carol"]
 
 
 def test_lines_after_the_last_record_that_no_write_leaves_are_moved_aside_and_saving_goes_on(
@@ -190,7 +191,7 @@ def test_lines_after_the_last_record_that_no_write_leaves_are_moved_aside_and_sa
     write_after_records(folder, foreign)
     data = (folder / "users.jsonl").read_bytes()
     tail = data[data.index(foreign) :]
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         assert sorted(store.keys()) == ["alice", "bob"]
         store.update("alice", lambda r: r.update(bio="new"))  # saving is not refused
@@ -202,7 +203,7 @@ def test_lines_after_the_last_record_that_no_write_leaves_are_moved_aside_and_sa
     assert side.stat().st_mode & 0o777 == 0o600
     assert foreign not in (folder / "users.jsonl").read_bytes()
     assert "moved to" in caplog.text
-    again = Store(folder)
+    again = TextStore(folder)
     try:
         assert again.get("alice")["bio"] == "new" and again.get("bob")["bio"] == "kept too"
     finally:
@@ -214,14 +215,14 @@ def test_a_foreign_tail_after_the_reserve_does_not_stop_logins(folder):
     seed_two(folder)
     with open(folder / "users.jsonl", "ab") as f:
         f.write(b"appended by some other program\nand a second line\n")
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         assert store.create("carol", user("carol"))
     finally:
         store.close()
     (side,) = folder.glob("users.jsonl.foreign-*")
     assert side.read_bytes().endswith(b"appended by some other program\nand a second line\n")
-    assert sorted(Store(folder).keys()) == ["alice", "bob", "carol"]
+    assert sorted(TextStore(folder).keys()) == ["alice", "bob", "carol"]
 
 
 def test_statx_that_cannot_be_used_falls_back_to_stat(folder, monkeypatch):
@@ -237,7 +238,7 @@ def test_statx_that_cannot_be_used_falls_back_to_stat(folder, monkeypatch):
             return -1
 
         monkeypatch.setattr(store_module, "_STATX", refused)
-        writer, reader = Store(folder), Store(folder)
+        writer, reader = TextStore(folder), TextStore(folder)
         try:
             writer.create(f"user{code}", user(f"user{code}"))
             assert reader.get(f"user{code}") is not None  # reads the file: _identity ran
@@ -260,7 +261,7 @@ def test_statx_errors_about_the_file_itself_are_not_hidden(folder, monkeypatch):
     seed_two(folder)
     monkeypatch.setattr(store_module, "_STATX", denied)
     with pytest.raises(StoreError, match="Permission denied"):
-        Store(folder).get("alice")
+        TextStore(folder).get("alice")
 
 
 def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_write(folder):
@@ -268,7 +269,7 @@ def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_
     earlier = [json.dumps({"k": name, "v": user(name, bio=f"{name}'s")}) for name in ("ann", "ben")]
     torn = json.dumps({"k": "cy", "v": user("cy")})[:30]  # cut short: never acknowledged
     (folder / "users.jsonl").write_text("\n".join(earlier) + "\n" + torn, encoding="utf-8")
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         assert sorted(store.keys()) == ["ann", "ben"]
         assert store.get("ben")["bio"] == "ben's"
@@ -278,7 +279,7 @@ def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_
     rows = [json.loads(line) for line in lines(folder)]
     assert [row["k"] for row in rows] == ["ann", "ben", "ann"]  # converted, then updated
     assert all(set(row) == {"k", "v", "c"} for row in rows)  # every line has its checksum now
-    again = Store(folder)
+    again = TextStore(folder)
     try:
         assert again.get("ann")["bio"] == "converted" and again.get("ben")["bio"] == "ben's"
     finally:
@@ -287,13 +288,13 @@ def test_file_in_the_format_before_checksums_is_read_and_converted_at_the_first_
 
 def test_power_cut_in_a_write_that_grew_the_file_is_healed(folder, monkeypatch):
     """Sectors lost past the old end of the file read back as zeros, in the line or the reserve."""
-    monkeypatch.setattr(Store, "reserve", 0)
+    monkeypatch.setattr(TextStore, "reserve", 0)
     good = seed_two(folder)
     line = encode_line("carol", user("carol", bio="c" * 3000))
     torn = line[:512] + b"\0" * 512 + line[1024:] + b" " * 600 + b"\0" * 512 + b" " * 600 + b"\n"
     with open(folder / "users.jsonl", "ab") as f:
         f.write(torn)
-    reader = Store(folder)
+    reader = TextStore(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]
         reader.update("alice", lambda r: r.update(bio="saved"))  # not refused as hand-edited
@@ -305,7 +306,7 @@ def test_power_cut_in_a_write_that_grew_the_file_is_healed(folder, monkeypatch):
 
 def test_file_replaced_while_in_use_is_noticed_and_never_written_at_the_old_place(folder):
     seed_two(folder)
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         assert store.get("alice")["bio"] == "kept"  # read only: no write handle yet
         restored = folder / "restored"
@@ -325,13 +326,13 @@ def test_file_replaced_while_in_use_is_noticed_and_never_written_at_the_old_plac
         store.update("alice", lambda r: r.update(bio="after the restore"))
     finally:
         store.close()
-    assert Store(folder).get("alice")["bio"] == "after the restore"
+    assert TextStore(folder).get("alice")["bio"] == "after the restore"
 
 
 def test_file_replaced_while_in_use_is_noticed_within_the_recheck_interval(folder, monkeypatch):
     monkeypatch.setattr(store_module, "RECHECK", 0.3)
     seed_two(folder)
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         assert store.get("bob")["bio"] == "kept too"
         restored = folder / "restored"
@@ -352,7 +353,7 @@ def test_a_lock_that_fails_for_another_reason_than_a_read_only_folder_is_an_erro
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
-    store = Store(folder)
+    store = TextStore(folder)
     try:
         with pytest.raises(StoreError, match="cannot lock"):
             store.get("alice")  # not read without the lock, as a read-only folder would be
@@ -368,7 +369,7 @@ def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder):
         + b'{"k":"mallory","v":{"username":"mallory"}}\n'  # no checksum: not a record
         + encode_line("bob", user("bob"))
     )
-    reader = Store(folder)
+    reader = TextStore(folder)
     try:
         assert sorted(reader.keys()) == ["alice", "bob"]
     finally:
@@ -396,7 +397,7 @@ def test_file_grows_by_a_fresh_reserve_when_the_reserve_is_used_up(store, folder
     big = "y" * (RESERVE + 100)
     store.update("alice", lambda r: r.update(bio=big))
     assert os.path.getsize(folder / "users.jsonl") == records_end(folder) + RESERVE > size
-    assert Store(folder).get("alice")["bio"] == big
+    assert TextStore(folder).get("alice")["bio"] == big
 
 
 def test_save_that_fits_the_reserve_succeeds_on_a_full_disk_and_one_that_does_not_is_refused(
@@ -411,7 +412,7 @@ def test_save_that_fits_the_reserve_succeeds_on_a_full_disk_and_one_that_does_no
             store.update("alice", lambda r: r.update(bio="z" * RESERVE))
     assert (folder / "users.jsonl").read_bytes() == before  # the part written was taken back
     assert store.get("alice")["bio"] == "fits"
-    assert Store(folder).get("alice")["bio"] == "fits"
+    assert TextStore(folder).get("alice")["bio"] == "fits"
 
 
 def test_update_that_changes_nothing_writes_nothing(store, folder):
@@ -463,7 +464,7 @@ def test_delete_forgets_every_version_at_once(store, folder):
     for i in range(1, 5):
         store.update("alice", lambda r, i=i: r.update(bio=f"secret-v{i}"))
     store.create("bob", user("bob", bio="stays"))
-    other = Store(folder)
+    other = TextStore(folder)
     try:
         assert other.get("alice")["bio"] == "secret-v4"
         assert store.delete("alice")
@@ -489,12 +490,12 @@ def test_delete_that_cannot_sync_the_folder_afterwards_still_counts_as_done(
     monkeypatch.setattr(store_module, "_fsync_dir", broken_sync)
     assert store.delete("alice") is True
     assert b"secret" not in (folder / "users.jsonl").read_bytes()
-    assert "alice" not in Store(folder)
+    assert "alice" not in TextStore(folder)
     assert "could not sync" in caplog.text
 
 
 def test_compaction_by_another_handle_is_noticed(folder):
-    a, b = Store(folder), Store(folder)
+    a, b = TextStore(folder), TextStore(folder)
     try:
         a.create("alice", user("alice", bio="0"))
         for i in range(1, 30):
@@ -507,7 +508,7 @@ def test_compaction_by_another_handle_is_noticed(folder):
         b.update("alice", lambda r: r.update(bio="from b"))  # b writes to the new file
         assert a.get("alice")["bio"] == "from b"
         assert len(lines(folder)) == 2
-        again = Store(folder)
+        again = TextStore(folder)
         assert again.get("alice")["bio"] == "from b"
         again.close()
     finally:
@@ -529,7 +530,7 @@ def test_leftover_copy_from_a_killed_compaction_is_removed(store, folder):
     store.create("alice", user("alice"))
     stale = folder / ".users.jsonl.0123456789abcdef.tmp"
     stale.write_text('{"k":"deleted","v":{"bio":"should be forgotten"}}\n')
-    fresh = Store(folder)
+    fresh = TextStore(folder)
     try:
         fresh.update("alice", lambda r: r.update(bio="x"))
         assert not stale.exists()
@@ -538,11 +539,11 @@ def test_leftover_copy_from_a_killed_compaction_is_removed(store, folder):
 
 
 def test_threads_and_handles_incrementing_at_once_lose_nothing(folder):
-    handles = [Store(folder), Store(folder)]
+    handles = [TextStore(folder), TextStore(folder)]
     handles[0].create("counter", {"n": 0})
     per_thread, threads = 40, 6
 
-    def work(store: Store) -> None:
+    def work(store: TextStore) -> None:
         for _ in range(per_thread):
             store.update("counter", lambda r: r.update(n=r["n"] + 1))
 
@@ -551,7 +552,7 @@ def test_threads_and_handles_incrementing_at_once_lose_nothing(folder):
         t.start()
     for t in pool:
         t.join()
-    fresh = Store(folder)
+    fresh = TextStore(folder)
     try:
         assert fresh.get("counter") == {"n": per_thread * threads}
     finally:
@@ -561,7 +562,7 @@ def test_threads_and_handles_incrementing_at_once_lose_nothing(folder):
 
 def test_store_used_across_a_fork_does_not_share_its_lock_with_the_parent(folder):
     """A flock belongs to the open file, so a child reusing the parent's handle is not excluded."""
-    store = Store(folder)
+    store = TextStore(folder)
     store.create("counter", {"n": 0})  # opens the lock file before the fork
     rounds = 200
     pid = os.fork()
@@ -588,7 +589,7 @@ def test_update_of_a_deleted_key_raises_record_gone_and_brings_nothing_back(stor
     from secure_app.store import RecordGone
 
     store.create("alice", user("alice"))
-    other = Store(folder)  # another process deletes it
+    other = TextStore(folder)  # another process deletes it
     assert other.delete("alice")
     before = (folder / "users.jsonl").read_bytes()
     with pytest.raises(RecordGone) as gone:
@@ -616,7 +617,7 @@ def test_update_whose_change_raises_saves_nothing(store, folder):
 def test_delete_check_sees_the_record_as_it_is_deleted_not_an_earlier_read(store, folder):
     store.create("alice", user("alice", photo="old.webp"))
     assert store.get("alice")["photo"] == "old.webp"  # what a request loaded first
-    other = Store(folder)
+    other = TextStore(folder)
     other.update("alice", lambda r: r.update(photo="new.webp"))  # another tab, meanwhile
     seen: list[dict] = []
     assert store.delete("alice", seen.append) is True

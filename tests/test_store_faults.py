@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-import secure_app.store as store_module
+import secure_app.store.text as store_module
 from helpers import PASSWORD, AuthActions, csrf_token, make_app
-from secure_app.store import Store, StoreError, new_user
+from secure_app.store import StoreError, new_user
+from secure_app.store.text import TextStore
 
 FS_SIZE = 512 * 1024
 
@@ -78,7 +79,7 @@ class FaultyFolder:
         finally:
             os.close(fd)
 
-    def make_read_only(self, *stores: Store) -> None:
+    def make_read_only(self, *stores: TextStore) -> None:
         """Make the folder read-only: the stores are closed first, as by a restart."""
         for store in stores:
             store.close()  # Linux refuses a read-only remount while a file is open for writing
@@ -119,7 +120,7 @@ def faulty(request, tmp_path: Path):
             folder.close()
 
 
-def seed(store: Store) -> bytes:
+def seed(store: TextStore) -> bytes:
     store.create("alice", new_user("alice", "$argon2id$fake") | {"bio": "old bio"})
     store.create("bob", new_user("bob", "$argon2id$fake") | {"bio": "bob's"})
     return (store.path).read_bytes()
@@ -128,7 +129,7 @@ def seed(store: Store) -> bytes:
 def assert_unchanged(folder: Path, before: bytes) -> None:
     assert (folder / "users.jsonl").read_bytes() == before
     assert not list(folder.glob(".users.jsonl.*.tmp"))
-    fresh = Store(folder)
+    fresh = TextStore(folder)
     try:
         assert fresh.get("alice")["bio"] == "old bio"
         assert fresh.get("bob")["bio"] == "bob's"
@@ -137,7 +138,7 @@ def assert_unchanged(folder: Path, before: bytes) -> None:
 
 
 def test_full_disk_refuses_an_update_and_keeps_the_old_record(faulty):
-    store = Store(faulty.path)
+    store = TextStore(faulty.path)
     before = seed(store)
     faulty.fill()
     with pytest.raises(StoreError):
@@ -147,11 +148,11 @@ def test_full_disk_refuses_an_update_and_keeps_the_old_record(faulty):
     faulty.restore()  # space again: the same store saves, and it lasts
     store.update("alice", lambda r: r.update(bio="new"))
     store.close()
-    assert Store(faulty.path).get("alice")["bio"] == "new"
+    assert TextStore(faulty.path).get("alice")["bio"] == "new"
 
 
 def test_full_disk_refuses_delete_and_compaction_and_loses_nothing(faulty):
-    store = Store(faulty.path)
+    store = TextStore(faulty.path)
     before = seed(store)
     faulty.fill(leave=0)  # no room for the fresh copy that either would write
     with pytest.raises(StoreError):
@@ -164,7 +165,7 @@ def test_full_disk_refuses_delete_and_compaction_and_loses_nothing(faulty):
 
 
 def test_read_only_folder_refuses_an_update_and_still_reads(faulty):
-    store = Store(faulty.path)
+    store = TextStore(faulty.path)
     before = seed(store)
     faulty.make_read_only(store)
     with pytest.raises(StoreError):
@@ -188,7 +189,7 @@ def test_account_details_save_that_fails_gives_503_and_changes_nothing(
     assert auth.login("alice", PASSWORD).status_code == 302
     token = csrf_token(client, "/account-details")
     app_store = app.extensions["secure_app.store"]
-    monkeypatch.setattr(Store, "reserve", 0)
+    monkeypatch.setattr(TextStore, "reserve", 0)
     app_store.compact()  # no reserved space left: the save has to grow the file
     record = app_store.get("alice")
     before = (faulty.path / "users.jsonl").read_bytes()
@@ -213,7 +214,7 @@ def test_account_details_save_that_fails_gives_503_and_changes_nothing(
     assert "Traceback" not in page and "StoreError" not in page
     assert (faulty.path / "users.jsonl").read_bytes() == before
     assert app_store.get("alice") == record
-    fresh = Store(faulty.path)
+    fresh = TextStore(faulty.path)
     try:
         assert fresh.get("alice") == record
     finally:

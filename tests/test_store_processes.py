@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from secure_app.store import Store, _checked, _reserved
+from secure_app.store.text import TextStore, _checked, _reserved
 
 ROOT = Path(__file__).resolve().parent.parent
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
@@ -35,11 +35,11 @@ pytestmark = pytest.mark.slow
 WRITER = """
 import random, sys
 sys.path.insert(0, sys.argv[1])
-from secure_app.store import Store
+from secure_app.store.text import TextStore
 
 folder, name, seed = sys.argv[2], sys.argv[3], int(sys.argv[4])
 rng = random.Random(seed)
-store = Store(folder)
+store = TextStore(folder)
 store.compact_min_dead = 20  # so that kills also land in compactions
 
 
@@ -73,10 +73,10 @@ while True:
 COUNTER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from secure_app.store import Store
+from secure_app.store.text import TextStore
 
 folder, name, times = sys.argv[2], sys.argv[3], int(sys.argv[4])
-store = Store(folder)
+store = TextStore(folder)
 store.compact_min_dead = 10
 for i in range(times):
     key = f"counter-{i % 3}"
@@ -166,7 +166,7 @@ def test_sigkilled_writers_never_lose_an_acknowledged_write(tmp_path: Path):
                     uncertain[key] = in_flight
         torn_seen += check_file(folder)
 
-        store = Store(folder)  # opens cleanly, heals a torn tail
+        store = TextStore(folder)  # opens cleanly, heals a torn tail
         try:
             on_disk = {key: store.get(key) for key in {*expected, *uncertain, *store.keys()}}
         finally:
@@ -186,7 +186,7 @@ def test_processes_incrementing_through_update_lose_nothing(tmp_path: Path):
     script = tmp_path / "counter.py"
     script.write_text(COUNTER)
     folder = tmp_path / "data"
-    store = Store(folder)
+    store = TextStore(folder)
     for i in range(3):
         store.create(f"counter-{i}", {"n": 0})
     processes, times = 4, 150

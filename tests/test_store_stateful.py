@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 )
 
 from helpers import record_lines
-from secure_app.store import Store
+from secure_app.store.text import TextStore
 
 any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=30)
 records = st.dictionaries(
@@ -44,8 +44,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.handles = [self._open(), self._open()]
         self.model: dict[str, dict] = {}
 
-    def _open(self) -> Store:
-        store = Store(self.tmp)
+    def _open(self) -> TextStore:
+        store = TextStore(self.tmp)
         store.compact_min_dead = 3  # compact often, so compaction meets every other step
         return store
 

@@ -14,6 +14,7 @@ import images
 from helpers import csrf_token, stored_bytes
 from secure_app import uploads
 from secure_app.store import StoreError
+from secure_app.store.text import FolderPhotos
 
 # Bomb headers past Pillow's own warning threshold make it warn before we refuse.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -180,8 +181,8 @@ def test_read_limited_refuses_one_byte_over_five_mib():
 
 
 def test_save_makes_a_random_128_bit_name_and_leaves_no_temporary_file(tmp_path):
-    first = uploads.save(b"one", tmp_path)
-    second = uploads.save(b"two", tmp_path)
+    first = uploads.save(b"one", FolderPhotos(tmp_path))
+    second = uploads.save(b"two", FolderPhotos(tmp_path))
     assert uploads.NAME_RE.match(first) and uploads.NAME_RE.match(second)
     assert first != second
     assert sorted(os.listdir(tmp_path)) == sorted([first, second])
@@ -193,7 +194,7 @@ def test_save_failure_raises_store_error_and_writes_nothing(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_bytes(b"")
     with pytest.raises(StoreError):
-        uploads.save(b"data", blocker / "photos")
+        uploads.save(b"data", FolderPhotos(blocker / "photos"))
     assert os.listdir(tmp_path) == ["not-a-folder"]
 
 
@@ -207,13 +208,14 @@ def test_remove_ignores_names_the_server_could_not_have_made(tmp_path, name):
     victim = tmp_path / "victim.webp"
     victim.write_bytes(b"keep me")
     (photos / "victim").write_bytes(b"keep me too")
-    uploads.remove(photos, name)
+    uploads.remove(FolderPhotos(photos), name)
     assert victim.exists() and (photos / "victim").exists()
 
 
 def test_remove_deletes_a_stored_photo(tmp_path):
-    name = uploads.save(b"x", tmp_path)
-    uploads.remove(tmp_path, name)
+    photos = FolderPhotos(tmp_path)
+    name = uploads.save(b"x", photos)
+    uploads.remove(photos, name)
     assert os.listdir(tmp_path) == []
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from playwright.sync_api import Page, expect
 
 from browsing import PASSWORD, register, serious_violations, tab_to
-from secure_app.store import Store
+from secure_app.store.text import TextStore
 
 NEW_PASSWORD = "harbour lights flicker over slate roofs"
 LINK_RE = re.compile(r"^(http://\S+/reset-password/\S+?)\r?$", re.M)
@@ -48,7 +48,7 @@ def log_in(page: Page, username: str, password: str) -> None:
 def test_forgot_password_from_the_outbox_to_a_new_login(page: Page, server, watch) -> None:
     register(page, "erin")
     data = server.tmp / "data"
-    store = Store(data)
+    store = TextStore(data)
     try:
         store.update(
             "erin", lambda r: r.update(email="erin@example.org", email_verified="erin@example.org")

@@ -60,25 +60,25 @@ not meant to be edited by hand: a line without its checksum is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import struct
+import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
-from flask import Flask, current_app
-
-Record = dict[str, Any]
+from . import Photo, Record, RecordGone, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +104,6 @@ _REPLACED = b"#"
 # How often, in seconds, a process checks that the file at the path is still
 # the one it reads, when nothing else has told it to look.
 RECHECK = 1.0
-
-
-class StoreError(Exception):
-    """A change could not be saved; the stored data is as it was before."""
-
-
-class RecordGone(KeyError):
-    """There is no record for the key (any more): deleted, perhaps by another request meanwhile.
-
-    A ``KeyError``, so code that expects one still works; the app turns it
-    into the logged-out path (``auth.account_gone``) instead of a 500.
-    """
 
 
 def encode_line(key: str, record: Record) -> bytes:
@@ -259,7 +247,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class Store:
+class TextStore:
     """A dictionary of JSON records kept in one text file, safe across processes.
 
     Create one per process (gunicorn creates the app after forking, so each
@@ -705,26 +693,60 @@ class Store:
                 self._lock_fd = None
 
 
-def new_user(username: str, password_hash: str) -> Record:
-    """Return the record of a new user: the shape every user record has."""
-    return {
-        "username": username,
-        "password_hash": password_hash,
-        "created": int(time.time()),
-        "full_name": "",
-        "email": "",
-        "phone": "",
-        "bio": "",
-        "photo": None,  # file name in the photo folder, made by uploads.save
-        "sessions": {},  # SHA-256 of each live session id -> login time
-    }
+# uploads.save names photos; a put writes ".upload-<random>.tmp" first and
+# renames it into place, so a crash can leave one of those behind.
+UPLOAD_TMP_RE = re.compile(r"\.upload-[A-Za-z0-9_]+\.tmp\Z")
 
 
-def init_app(app: Flask) -> None:
-    """Give the app its store, in the configured data folder."""
-    app.extensions["secure_app.store"] = Store(app.config["DATA_DIR"])
+class FolderPhotos:
+    """Photos as files in one folder, each written whole: the text backend's photo store."""
 
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
 
-def get_store() -> Store:
-    """Return the current app's store."""
-    return current_app.extensions["secure_app.store"]
+    def put(self, name: str, data: bytes) -> None:
+        """Write ``data`` as ``name``; a reader never sees half a file, a failure leaves none."""
+        tmp: str | None = None
+        placed = False
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".upload-", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.folder / name)
+            placed = True
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            # Clean up without letting a second error hide the first one.
+            with contextlib.suppress(OSError):
+                if placed:
+                    (self.folder / name).unlink()
+                elif tmp is not None:
+                    os.unlink(tmp)
+            raise StoreError(f"cannot save the photo: {exc.strerror}") from exc
+
+    def get(self, name: str) -> Photo | None:
+        try:
+            with open(self.folder / name, "rb") as f:
+                return Photo(f.read(), os.fstat(f.fileno()).st_mtime)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read the photo: {exc.strerror}") from exc
+
+    def remove(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+    def listing(self) -> dict[str, float]:
+        """Every regular file in the folder (photos and leftover uploads) -> its mtime."""
+        found: dict[str, float] = {}
+        if not self.folder.is_dir():
+            return found
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    found[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+        return found

@@ -1,0 +1,279 @@
+"""PostgreSQL for records and photos: the store for a site on several hosts.
+
+Chosen by ``FLASK_DATABASE_URL=postgresql://...``. Two tables, created or
+upgraded when the app starts (the version is kept in ``secure_app_schema``)::
+
+    users  (username text PRIMARY KEY, record json NOT NULL)
+    photos (name text PRIMARY KEY, data bytea NOT NULL, created timestamptz NOT NULL)
+
+How the text database's promises are kept here:
+
+* **Locked.** ``update`` and ``delete`` read the row with ``SELECT ... FOR
+  UPDATE`` in one transaction: a second writer of the same row waits for the
+  first one's commit and then reads what it wrote, on any host. Each change
+  touches one user's row, so READ COMMITTED with the row lock is enough; no
+  serialization failures to retry. ``create`` is ``INSERT ... ON CONFLICT DO
+  NOTHING``: of two registrations of one name, exactly one wins.
+* **Atomic.** One transaction per change. Deleting a user deletes their photo
+  in the same transaction.
+* **Durable.** ``COMMIT`` returns once the write-ahead log is flushed. Every
+  connection sets ``synchronous_commit = on`` itself, so a server tuned for
+  speed elsewhere still does not acknowledge an account change it could lose.
+* **Failures.** Any database error (the server down, a connection dropped,
+  no free connection within ``DATABASE_TIMEOUT``) rolls the transaction back
+  and raises :class:`StoreError`, which the app answers with its 503 page.
+  The pool checks a connection before lending it and opens new ones in the
+  background, so the site recovers by itself when the server is back.
+
+A record is stored as the exact JSON text the text database writes in its
+line (``json``, not ``jsonb``, which would reorder keys and refuse ``\\u0000``),
+so ``export-data`` / ``import-data`` move data between backends unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import Photo, Record, RecordGone, StoreError
+
+log = logging.getLogger(__name__)
+
+# Each entry upgrades the schema by one version; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE users (username text PRIMARY KEY, record json NOT NULL)",
+        "CREATE TABLE photos (name text PRIMARY KEY, data bytea NOT NULL,"
+        " created timestamptz NOT NULL DEFAULT clock_timestamp())",
+    ),
+)
+# Held while the schema is checked, so that workers and hosts starting at
+# once upgrade it one at a time ("sa" in ASCII, an arbitrary constant).
+_MIGRATION_LOCK = 0x7361
+
+# Built once: json.dumps with options would build a new encoder on every call.
+_READABLE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ESCAPED = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def _encode(record: Record) -> str:
+    """The record's JSON: readable, with ``\\u`` escapes only for what UTF-8 cannot carry."""
+    text = _READABLE.encode(record)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        text = _ESCAPED.encode(record)
+    return text
+
+
+class PostgresStore:
+    """Records in the ``users`` table, photos (``self.photos``) in ``photos``.
+
+    One per process, safe to share between threads: it holds a pool of up to
+    ``pool_size`` connections, opened on first use (gunicorn creates the app
+    after forking, so each worker has its own).
+    """
+
+    def __init__(self, url: str, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self.photos = PostgresPhotos(self)
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._pid = os.getpid()
+        self._schema_ready = False
+        # A pool inherited across a fork: its sockets are the parent's, so it is
+        # kept (never closed, never garbage-collected) and never used.
+        self._inherited: list[ConnectionPool] = []
+        try:
+            with self._connection():
+                pass  # creates or upgrades the schema now, at start-up
+        except StoreError:
+            log.error("PostgreSQL is unreachable at start-up; retrying on each request")
+
+    # -- connections ---------------------------------------------------------
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        conn.execute("SET synchronous_commit = on")
+
+    def _open(self) -> ConnectionPool:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                if self._pool is not None:
+                    self._inherited.append(self._pool)
+                self._pool = None
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=self.timeout,
+                    # A connection the server closed meanwhile (a restart) is
+                    # replaced before it is lent, not failed on.
+                    check=ConnectionPool.check_connection,
+                    configure=self._configure,
+                    kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
+                    name="secure_app",
+                    open=False,
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """Lend a connection in autocommit mode; turn any database error into StoreError."""
+        try:
+            with self._open().connection() as conn:
+                if not self._schema_ready:
+                    self._migrate(conn)
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"the database failed: {type(exc).__name__}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS secure_app_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM secure_app_schema").fetchone()
+            version = 0 if row is None else row[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the database's schema is version {version}, newer than this code "
+                    f"({len(MIGRATIONS)}): upgrade the app before using this database"
+                )
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO secure_app_schema VALUES (%s)", (len(MIGRATIONS),))
+            elif version < len(MIGRATIONS):
+                conn.execute("UPDATE secure_app_schema SET version = %s", (len(MIGRATIONS),))
+        self._schema_ready = True
+
+    # -- records -------------------------------------------------------------
+
+    def get(self, key: str) -> Record | None:
+        """Return a fresh copy of the record for ``key``, or ``None``."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT record::text FROM users WHERE username = %s", (key,)
+            ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def __contains__(self, key: str) -> bool:
+        with self._connection() as conn:
+            return (
+                conn.execute("SELECT 1 FROM users WHERE username = %s", (key,)).fetchone()
+                is not None
+            )
+
+    def __len__(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT count(*) FROM users").fetchone()[0]
+
+    def keys(self) -> list[str]:
+        with self._connection() as conn:
+            return [r[0] for r in conn.execute("SELECT username FROM users ORDER BY username")]
+
+    def create(self, key: str, record: Record) -> bool:
+        """Store ``record`` under a new ``key``; return False if the key exists."""
+        with self._connection() as conn:
+            cursor = conn.execute(
+                "INSERT INTO users (username, record) VALUES (%s, %s)"
+                " ON CONFLICT (username) DO NOTHING",
+                (key, _encode(record)),
+            )
+            return cursor.rowcount == 1
+
+    def update(self, key: str, change: Callable[[Record], Record | None]) -> Record:
+        """Apply ``change`` to a copy of the record and save the result, in one transaction.
+
+        ``change`` runs while the row is locked; it may mutate its argument and
+        return ``None``, or raise to refuse (nothing is saved). Raises
+        :class:`RecordGone` if there is no such record.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT record::text FROM users WHERE username = %s FOR UPDATE", (key,)
+            ).fetchone()
+            if row is None:
+                raise RecordGone(key)
+            draft = json.loads(row[0])
+            result = change(draft)
+            new = draft if result is None else result
+            text = _encode(new)
+            if text != row[0]:
+                conn.execute("UPDATE users SET record = %s WHERE username = %s", (text, key))
+            return new
+
+    def delete(self, key: str, check: Callable[[Record], object] | None = None) -> bool:
+        """Remove ``key`` and its photo in one transaction; False if there is no such record.
+
+        ``check`` sees a copy of the record while the row is locked, and may
+        raise to refuse (nothing is deleted).
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT record::text FROM users WHERE username = %s FOR UPDATE", (key,)
+            ).fetchone()
+            if row is None:
+                return False
+            record = json.loads(row[0])
+            if check is not None:
+                check(record)
+            conn.execute("DELETE FROM users WHERE username = %s", (key,))
+            if record.get("photo"):
+                conn.execute("DELETE FROM photos WHERE name = %s", (record["photo"],))
+            return True
+
+    def compact(self) -> None:
+        """Nothing to do: PostgreSQL's autovacuum reclaims dead rows."""
+
+    def close(self) -> None:
+        """Close the pool; the store opens a new one if it is used again."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.close()
+
+
+class PostgresPhotos:
+    """Photo bytes in the ``photos`` table, through the store's pool."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def put(self, name: str, data: bytes) -> None:
+        with self._store._connection() as conn:
+            conn.execute("INSERT INTO photos (name, data) VALUES (%s, %s)", (name, data))
+
+    def get(self, name: str) -> Photo | None:
+        with self._store._connection() as conn:
+            row = conn.execute(
+                "SELECT data, extract(epoch FROM created)::float8 FROM photos WHERE name = %s",
+                (name,),
+            ).fetchone()
+        return None if row is None else Photo(bytes(row[0]), row[1])
+
+    def remove(self, name: str) -> None:
+        with self._store._connection() as conn:
+            conn.execute("DELETE FROM photos WHERE name = %s", (name,))
+
+    def listing(self) -> dict[str, float]:
+        with self._store._connection() as conn:
+            rows = conn.execute("SELECT name, extract(epoch FROM created)::float8 FROM photos")
+            return {name: modified for name, modified in rows}
