@@ -28,6 +28,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         cli,
         config,
         errors,
+        mfa,
         pages,
         passkeys,
         passwords,
@@ -45,6 +46,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     security.init_app(app)
     store.init_app(app)
     passwords.init_app(app)
+    mfa.init_app(app)
     errors.init_app(app)
     cli.init_app(app)
 

@@ -1,4 +1,4 @@
-"""``flask`` commands: create a user, rotate the keys, prune orphaned photos, reset two-factor."""
+"""``flask`` commands: users, keys, orphaned photos, two-factor resets, moving data."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flask.cli import with_appcontext
 from . import audit, events, mail, mfa, passwords, uploads
 from .config import rotate_keys
 from .forms import USERNAME_RE, normalize_username
-from .store import get_photos, get_store, new_user
+from .store import StoreError, get_photos, get_store, new_user, transfer
 from .store.text import UPLOAD_TMP_RE
 
 
@@ -25,6 +25,8 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(prune_photos)
     app.cli.add_command(reset_two_factor)
     app.cli.add_command(rotate_mfa_key)
+    app.cli.add_command(export_data)
+    app.cli.add_command(import_data)
 
 
 def _read_password() -> tuple[str, str]:
@@ -117,6 +119,41 @@ def prune_photos(grace: int, dry_run: bool) -> None:
     missing = sorted(r["username"] for r in records if r.get("photo") and r["photo"] not in stored)
     if missing:
         click.echo(f"Records whose photo is missing: {', '.join(missing)}", err=True)
+
+
+@click.command("export-data")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@with_appcontext
+def export_data(folder: Path) -> None:
+    """Write every record (the text database's format) and photo into FOLDER, a new folder."""
+    try:
+        moved = transfer.export_to(folder, get_store(), get_photos())
+    except (transfer.TransferError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Exported {moved.records} user(s) and {moved.photos} photo(s) to {folder}.")
+    _report_missing(moved)
+
+
+@click.command("import-data")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@with_appcontext
+def import_data(folder: Path) -> None:
+    """Load a folder made by export-data into the configured backend."""
+    try:
+        moved = transfer.import_from(folder, get_store(), get_photos())
+    except (transfer.TransferError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Imported {moved.records} user(s) and {moved.photos} photo(s) from {folder}.")
+    _report_missing(moved)
+
+
+def _report_missing(moved: transfer.Moved) -> None:
+    if moved.missing_photos:
+        click.echo(
+            f"Users whose photo was missing (their record was kept): "
+            f"{', '.join(moved.missing_photos)}",
+            err=True,
+        )
 
 
 @click.command("reset-two-factor")

@@ -39,7 +39,7 @@ from typing import Any
 import pyotp
 import segno
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from flask import current_app
+from flask import Flask, current_app
 from markupsafe import Markup
 
 from .config import load_keys, rotate_keys
@@ -309,6 +309,16 @@ def remove_factors(record: dict[str, Any]) -> None:
 
 
 # -- secrets at rest -------------------------------------------------------------
+
+
+def init_app(app: Flask) -> None:
+    """Create the key file at start-up, not at the first enrolment.
+
+    Several hosts must share one key (README, "Several hosts"): made at start,
+    the file is there to copy from the first host before any secret uses it.
+    """
+    with app.app_context():
+        _fernet()
 
 
 def _new_fernet_key() -> str:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from helpers import AuthActions, Clock, make_app
+import helpers
+from helpers import AuthActions, Clock, make_app, namespaced_url
+from servers import Postgres, require_postgres
 
 # ci: quick and the same examples on every run, so a red CI run is a real
 # regression, not a new random draw; thorough: random and many more examples,
@@ -27,6 +29,82 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# `make test` runs the suite once on the text database, then its HTTP part
+# once more with every app on PostgreSQL (SECURE_APP_TEST_DATABASE=postgres).
+ON_POSTGRES = os.environ.get("SECURE_APP_TEST_DATABASE") == "postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL for the whole run, started on first use and stopped at the end.
+
+    Where the package is missing the tests that need it are skipped, except
+    in CI, where a missing server is a failure, not a reason to pass.
+    """
+    require_postgres()
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session", autouse=ON_POSTGRES)
+def _apps_on_postgres(request):
+    """Under SECURE_APP_TEST_DATABASE=postgres, every make_app() stores in PostgreSQL."""
+    if not ON_POSTGRES:
+        yield
+        return
+    server = request.getfixturevalue("postgres_server")
+    helpers.POSTGRES_URL = server.url()
+    yield
+    helpers.POSTGRES_URL = None
+
+
+@pytest.fixture(autouse=True)
+def _close_stores():
+    """Close every app's store after each test: no connection pool outlives its test."""
+    yield
+    while helpers.OPEN_APPS:
+        helpers.OPEN_APPS.pop().extensions["secure_app.store"].close()
+
+
+class Backend:
+    """One store backend for the store tests: handles on the same data, and a raw view of it."""
+
+    def __init__(self, name: str, spec: str) -> None:
+        self.name = name
+        self.spec = spec  # a text database folder, or a postgresql:// URL
+        self._opened: list = []
+
+    def open(self):
+        """A new handle on the same data, as another worker or host has."""
+        store = helpers.open_store(self.spec)
+        self._opened.append(store)
+        return store
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Everything stored, byte for byte: equal before and after means nothing was written."""
+        if self.name == "postgres":
+            return helpers.database_rows(self.spec)
+        path = Path(self.spec) / "users.jsonl"
+        return {"users.jsonl": path.read_bytes()} if path.exists() else {}
+
+    def close(self) -> None:
+        for store in self._opened:
+            store.close()
+
+
+@pytest.fixture(params=["text", "postgres"])
+def backend(request, tmp_path: Path):
+    """Each store test runs once on the text database and once on PostgreSQL."""
+    if request.param == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        spec = namespaced_url(server.url(), str(tmp_path))
+    else:
+        spec = str(tmp_path / "data")
+    chosen = Backend(request.param, spec)
+    yield chosen
+    chosen.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ module named ``conftest``, so ``from conftest import ...`` would pick either.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import resource
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from flask import Flask
 
 from secure_app import create_app, mfa
+from secure_app.store import Records
 
 PASSWORD = "correct horse battery staple glacier"
 OTHER_PASSWORD = "violet umbrella marches quietly north"
@@ -24,8 +26,37 @@ CSRF_RE = re.compile(
 )
 
 
+# The PostgreSQL server the suite runs against, when it does
+# (SECURE_APP_TEST_DATABASE=postgres): set by tests/conftest.py.
+POSTGRES_URL: str | None = None
+# Every app make_app built in the current test: conftest.py closes their
+# stores after it, so no test leaves a connection pool behind.
+OPEN_APPS: list[Flask] = []
+_SCHEMAS: set[str] = set()
+
+
+def namespaced_url(server_url: str, name: str) -> str:
+    """A URL on ``server_url`` whose tables live in their own schema, created if new.
+
+    One schema per test folder (not per app): two apps built on one
+    ``tmp_path`` share their data, as two processes on one data folder do.
+    """
+    import psycopg
+
+    schema = "t_" + hashlib.sha256(name.encode()).hexdigest()[:24]
+    if (server_url, schema) not in _SCHEMAS:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        _SCHEMAS.add((server_url, schema))
+    return f"{server_url}?options=-csearch_path%3D{schema}"
+
+
 def make_app(tmp_path: Path, **overrides: object) -> Flask:
-    """Build an app whose data, photos and keys all live under ``tmp_path``."""
+    """Build an app whose data, photos and keys all live under ``tmp_path``.
+
+    When the suite runs against PostgreSQL, records and photos live in a
+    schema of their own instead, named after ``tmp_path``.
+    """
     config = {
         "TESTING": True,
         "SECRET_KEY": "test-secret-key-" + "x" * 32,
@@ -33,12 +64,42 @@ def make_app(tmp_path: Path, **overrides: object) -> Flask:
         "PHOTO_DIR": str(tmp_path / "photos"),
         "RATELIMIT_ENABLED": False,
     }
+    if POSTGRES_URL is not None:
+        config["DATABASE_URL"] = namespaced_url(POSTGRES_URL, str(tmp_path))
     config.update(overrides)
-    return create_app(config)
+    app = create_app(config)
+    OPEN_APPS.append(app)
+    return app
+
+
+def open_store(spec: str) -> Records:
+    """A store handle on a text database folder or a postgresql:// URL: another process's view."""
+    if spec.startswith("postgresql://"):
+        from secure_app.store.postgres import PostgresStore
+
+        return PostgresStore(spec)
+    from secure_app.store.text import TextStore
+
+    return TextStore(spec)
+
+
+def database_rows(url: str) -> dict[str, bytes]:
+    """Every record and photo in a PostgreSQL store, as stored_bytes shows files."""
+    import psycopg
+
+    rows: dict[str, bytes] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('users')").fetchone()[0] is None:
+            return rows
+        for key, text in conn.execute("SELECT username, record::text FROM users"):
+            rows[f"postgres:users/{key}"] = text.encode("utf-8", "surrogatepass")
+        for name, data in conn.execute("SELECT name, data FROM photos"):
+            rows[f"postgres:photos/{name}"] = bytes(data)
+    return rows
 
 
 def stored_bytes(app: Flask) -> dict[str, bytes]:
-    """Every file the app keeps (data and photos), to prove a refused request changed none.
+    """Every file and row the app keeps (data and photos), to prove a refused request changed none.
 
     Mail is written by a background thread: wait for it first, so that a
     message still being written is not taken for a change (or missed).
@@ -46,7 +107,7 @@ def stored_bytes(app: Flask) -> dict[str, bytes]:
     from secure_app import mail
 
     assert mail.flush(10, app), "the mail queue did not drain"
-    files = {}
+    files = database_rows(app.config["DATABASE_URL"]) if app.config.get("DATABASE_URL") else {}
     for key in ("DATA_DIR", "PHOTO_DIR"):
         root = Path(app.config[key])
         if root.exists():

@@ -163,6 +163,16 @@ def postgres_bin() -> Path | None:
     return Path(found).parent if found else None
 
 
+def require_postgres() -> None:
+    """Skip the calling test where PostgreSQL is missing, except in CI, where that fails it."""
+    import pytest
+
+    if postgres_bin() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed, and CI must run the PostgreSQL tests")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+
+
 class Postgres:
     """A throwaway PostgreSQL cluster in its own temporary folder, on a free loopback port.
 

@@ -1,6 +1,6 @@
-"""Honest failures: a full disk or a read-only data folder refuses the save and keeps the old data.
+"""Honest failures: a full disk, a read-only folder or a database that is gone keeps the old data.
 
-Each test runs twice:
+The text database's tests run twice:
 
 * ``tmpfs``: the data folder is a real, tiny tmpfs (``mount -t tmpfs -o
   size=...``), filled up for ENOSPC and remounted read-only for EROFS. This
@@ -13,6 +13,11 @@ Each test runs twice:
 A save that fits in the space the data file has reserved succeeds on a full
 disk (``test_store.py`` proves it); the saves here are bigger than the reserve,
 or the reserve is used up first.
+
+PostgreSQL's faults are a server that stops (the store raises StoreError, the
+pages answer 503, and both recover by themselves when it is back) and a
+connection cut inside a transaction (nothing acknowledged is lost); they run on
+a server of their own, since they stop it.
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ import functools
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import secure_app.store.text as store_module
-from helpers import PASSWORD, AuthActions, csrf_token, make_app
+from helpers import PASSWORD, AuthActions, csrf_token, make_app, namespaced_url, open_store
 from secure_app.store import StoreError, new_user
+from secure_app.store.postgres import PostgresStore
 from secure_app.store.text import TextStore
+from servers import Postgres, require_postgres
 
 FS_SIZE = 512 * 1024
 
@@ -221,3 +230,110 @@ def test_account_details_save_that_fails_gives_503_and_changes_nothing(
         fresh.close()
     # The account page still shows the saved details.
     assert client.get("/account-details").status_code == 200
+
+
+# -- PostgreSQL: the server stops, a connection drops ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_postgres():
+    """A server of these tests' own: they stop it, which the shared one must never be."""
+    require_postgres()
+    with Postgres() as server:
+        yield server
+
+
+def until(check, timeout: float = 30.0):
+    """Retry ``check`` until it stops raising StoreError; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_postgres_stopped_raises_store_error_and_the_same_store_recovers_when_it_is_back(
+    own_postgres, tmp_path
+):
+    store = PostgresStore(namespaced_url(own_postgres.url(), str(tmp_path)), timeout=1)
+    assert store.create("alice", new_user("alice", "$argon2id$h"))
+    store.update("alice", lambda r: r.update(bio="acknowledged"))
+    own_postgres.stop()
+    try:
+        for attempt in (
+            lambda: store.get("alice"),
+            lambda: store.update("alice", lambda r: r.update(bio="lost")),
+            lambda: store.create("bob", new_user("bob", "$argon2id$h")),
+            lambda: store.delete("alice"),
+            lambda: store.photos.get("ab" * 16 + ".webp"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                attempt()
+            assert time.monotonic() - started < 5  # bounded by DATABASE_TIMEOUT, not hung
+    finally:
+        own_postgres.start()
+    assert until(lambda: store.get("alice"))["bio"] == "acknowledged"  # no restart of the app
+    assert store.get("bob") is None
+    store.close()
+
+
+@pytest.mark.slow
+def test_connection_dropped_inside_a_transaction_loses_nothing_acknowledged(own_postgres, tmp_path):
+    url = namespaced_url(own_postgres.url(), str(tmp_path))
+    store = PostgresStore(url, timeout=2)
+    store.create("counter", {"n": 0})
+    for _ in range(5):
+        store.update("counter", lambda r: r.update(n=r["n"] + 1))
+
+    def cut_my_connection(record: dict) -> None:
+        record["n"] = 1000
+        # Another session of the same role may end this one: as a crash or a
+        # network cut does, between the row lock and the commit.
+        with psycopg.connect(own_postgres.url(), autocommit=True) as killer:
+            killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE usename = 'secure_app' AND pid <> pg_backend_pid()"
+            )
+
+    with pytest.raises(StoreError):
+        store.update("counter", cut_my_connection)
+    assert until(lambda: store.get("counter")) == {"n": 5}
+    store.update("counter", lambda r: r.update(n=r["n"] + 1))  # the pool carries on
+    assert open_store(url).get("counter") == {"n": 6}
+    store.close()
+
+
+@pytest.mark.slow
+def test_pages_answer_503_while_postgres_is_down_and_recover_without_a_restart(
+    own_postgres, tmp_path
+):
+    app = make_app(
+        tmp_path,
+        DATABASE_URL=namespaced_url(own_postgres.url(), str(tmp_path)),
+        DATABASE_TIMEOUT=1,
+    )
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    assert client.get("/account-details").status_code == 200
+    own_postgres.stop()
+    try:
+        for path in ("/account-details", "/security", "/"):
+            down = client.get(path)
+            assert down.status_code == 503, path
+            page = down.get_data(as_text=True)
+            assert "Traceback" not in page and "psycopg" not in page
+            assert "<html" in page.lower()  # the site's own error page
+    finally:
+        own_postgres.start()
+    deadline = time.monotonic() + 30
+    while client.get("/account-details").status_code != 200:
+        assert time.monotonic() < deadline, "the site did not recover by itself"
+        time.sleep(0.2)
+    assert "alice" in client.get("/account-details").get_data(as_text=True)

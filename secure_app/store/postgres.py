@@ -63,6 +63,27 @@ _READABLE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ESCAPED = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
+def storable(key: str) -> bool:
+    """Whether PostgreSQL's ``text`` can hold ``key``: no NUL, no lone surrogate.
+
+    Keys are usernames (``forms.USERNAME_RE``), so this never refuses a real
+    one; a key that cannot be stored cannot exist, so reading it finds nothing.
+    """
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable_key(key: str) -> str:
+    if not storable(key):
+        raise ValueError("PostgreSQL cannot store this key (NUL or a lone surrogate)")
+    return key
+
+
 def _encode(record: Record) -> str:
     """The record's JSON: readable, with ``\\u`` escapes only for what UTF-8 cannot carry."""
     text = _READABLE.encode(record)
@@ -122,6 +143,10 @@ class PostgresStore:
                     check=ConnectionPool.check_connection,
                     configure=self._configure,
                     kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
+                    # Give up a failing reconnection soon: the next request then
+                    # starts a fresh attempt at once, instead of the pool waiting
+                    # out an exponential back-off after the server is back.
+                    reconnect_timeout=self.timeout,
                     name="secure_app",
                     open=False,
                 )
@@ -168,6 +193,8 @@ class PostgresStore:
 
     def get(self, key: str) -> Record | None:
         """Return a fresh copy of the record for ``key``, or ``None``."""
+        if not storable(key):
+            return None
         with self._connection() as conn:
             row = conn.execute(
                 "SELECT record::text FROM users WHERE username = %s", (key,)
@@ -175,6 +202,8 @@ class PostgresStore:
         return None if row is None else json.loads(row[0])
 
     def __contains__(self, key: str) -> bool:
+        if not storable(key):
+            return False
         with self._connection() as conn:
             return (
                 conn.execute("SELECT 1 FROM users WHERE username = %s", (key,)).fetchone()
@@ -195,7 +224,7 @@ class PostgresStore:
             cursor = conn.execute(
                 "INSERT INTO users (username, record) VALUES (%s, %s)"
                 " ON CONFLICT (username) DO NOTHING",
-                (key, _encode(record)),
+                (_storable_key(key), _encode(record)),
             )
             return cursor.rowcount == 1
 
@@ -206,6 +235,8 @@ class PostgresStore:
         return ``None``, or raise to refuse (nothing is saved). Raises
         :class:`RecordGone` if there is no such record.
         """
+        if not storable(key):
+            raise RecordGone(key)
         with self._transaction() as conn:
             row = conn.execute(
                 "SELECT record::text FROM users WHERE username = %s FOR UPDATE", (key,)
@@ -226,6 +257,8 @@ class PostgresStore:
         ``check`` sees a copy of the record while the row is locked, and may
         raise to refuse (nothing is deleted).
         """
+        if not storable(key):
+            return False
         with self._transaction() as conn:
             row = conn.execute(
                 "SELECT record::text FROM users WHERE username = %s FOR UPDATE", (key,)
@@ -259,7 +292,12 @@ class PostgresPhotos:
 
     def put(self, name: str, data: bytes) -> None:
         with self._store._connection() as conn:
-            conn.execute("INSERT INTO photos (name, data) VALUES (%s, %s)", (name, data))
+            # A name's bytes never change, so a name stored already (an import
+            # run again) holds these very bytes.
+            conn.execute(
+                "INSERT INTO photos (name, data) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, data),
+            )
 
     def get(self, name: str) -> Photo | None:
         with self._store._connection() as conn:

@@ -1,0 +1,230 @@
+"""What every backend promises, on the text database and on PostgreSQL (the ``backend`` fixture).
+
+Everything above the store relies on these and nothing else: a record reads
+back exactly as written, whatever text it holds; a change that raises saves
+nothing; concurrent read-modify-writes lose nothing; a deletion happens at
+once, sees the record as it goes, and can be refused. ``backend.open()`` gives
+another handle on the same data, as another worker or host has.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from helpers import database_rows, namespaced_url, open_store
+from secure_app.store import RecordGone, new_user
+from secure_app.store.postgres import storable
+
+NASTY_TEXT = [
+    "plain",
+    "",
+    "line one\nline two\r\nline three\rend",
+    'quote " backslash \\ brace } bracket ]',
+    '"}\n{"k":"mallory","v":{"username":"mallory","password_hash":"x"}}\n',
+    "'); DROP TABLE users; --",
+    "Zoë Ñúñez, 李小龙, Ωμέγα, עברית, العربية",
+    "emoji 🧑‍💻🏳️‍🌈 and astral 𝕏",
+    "separators \u2028 \u2029 \u0085 \x0b \x0c \x1c",
+    "nul \x00 and bell \x07 and del \x7f",
+    "lone surrogate \ud800 and \udfff",
+    "x" * 5000,
+]
+
+
+def user(name: str, **fields: object) -> dict:
+    record = new_user(name, "$argon2id$fake")
+    record.update(fields)
+    return record
+
+
+@pytest.fixture
+def store(backend):
+    return backend.open()
+
+
+def key_for(backend, text: str) -> str:
+    """``text`` as a key, where the backend can hold it: PostgreSQL's text type takes no NUL
+    and no lone surrogate (keys are usernames, so no real key has one)."""
+    return text + "key" if backend.name == "text" or storable(text) else "key"
+
+
+@pytest.mark.parametrize("text", NASTY_TEXT)
+def test_any_text_round_trips_in_every_field_and_across_a_restart(backend, store, text):
+    key = key_for(backend, text)
+    record = user("alice", full_name=text, email=text, phone=text, bio=text, photo=text)
+    record[text] = text  # arbitrary text as a field name too
+    assert store.create(key, record)
+    assert store.get(key) == record
+    store.update(key, lambda r: r.update(bio=text + "!" + text))
+    record["bio"] = text + "!" + text
+    again = backend.open()  # as after a restart
+    assert again.get(key) == record
+    assert again.keys() == [key]  # nothing smuggled in (no "mallory", no dropped table)
+    assert len(again) == 1 and key in again
+
+
+@pytest.mark.parametrize("key", ["nul\x00", "lone \ud800"])
+def test_postgres_finds_no_key_it_cannot_hold_and_refuses_to_create_one(
+    postgres_server, tmp_path, key
+):
+    url = namespaced_url(postgres_server.url(), str(tmp_path))
+    store = open_store(url)
+    store.create("alice", user("alice"))
+    before = database_rows(url)
+    assert store.get(key) is None and key not in store
+    assert store.delete(key) is False
+    with pytest.raises(RecordGone):
+        store.update(key, lambda r: None)
+    with pytest.raises(ValueError, match="cannot store this key"):
+        store.create(key, user("x"))
+    assert database_rows(url) == before
+    store.close()
+
+
+def test_update_that_changes_nothing_writes_nothing(backend, store):
+    store.create("alice", user("alice"))
+    before = backend.snapshot()
+    assert store.update("alice", lambda r: None) == store.get("alice")
+    assert backend.snapshot() == before
+
+
+def test_update_of_a_missing_key_raises_record_gone_and_stores_nothing(backend, store):
+    store.create("alice", user("alice"))
+    before = backend.snapshot()
+    with pytest.raises(RecordGone) as gone:
+        store.update("mallory", lambda r: r.update(bio="x"))
+    assert isinstance(gone.value, KeyError)  # callers that expect a KeyError still get one
+    assert backend.snapshot() == before
+    assert "mallory" not in store
+
+
+def test_update_whose_change_raises_saves_nothing(backend, store):
+    store.create("alice", user("alice", bio="before"))
+    before = backend.snapshot()
+
+    def refuse(record: dict) -> None:
+        record["bio"] = "half done"
+        raise LookupError("refused")
+
+    with pytest.raises(LookupError):
+        store.update("alice", refuse)
+    assert backend.snapshot() == before
+    assert store.get("alice")["bio"] == "before"
+
+
+def test_a_change_may_return_a_new_record_instead_of_mutating(store):
+    store.create("alice", user("alice", bio="old"))
+    assert store.update("alice", lambda r: {"replaced": True}) == {"replaced": True}
+    assert store.get("alice") == {"replaced": True}
+
+
+def test_create_of_an_existing_key_is_refused_and_keeps_the_original(store):
+    assert store.create("alice", user("alice", bio="original"))
+    assert not store.create("alice", user("alice", bio="impostor"))
+    assert store.get("alice")["bio"] == "original"
+
+
+def test_returned_records_are_copies_not_the_stored_state(store):
+    store.create("alice", user("alice", bio="safe"))
+    store.get("alice")["bio"] = "mutated"
+    saved = store.update("alice", lambda r: None)
+    saved["bio"] = "mutated too"
+    assert store.get("alice")["bio"] == "safe"
+
+
+def test_delete_forgets_the_record_at_once_for_every_handle(backend, store):
+    store.create("alice", user("alice", bio="secret-v0"))
+    for i in range(1, 5):
+        store.update("alice", lambda r, i=i: r.update(bio=f"secret-v{i}"))
+    store.create("bob", user("bob", bio="stays"))
+    other = backend.open()
+    assert other.get("alice")["bio"] == "secret-v4"
+    assert store.delete("alice")
+    assert "alice" not in other and other.get("alice") is None
+    assert other.get("bob")["bio"] == "stays"
+    assert not any(b"secret-v" in data for data in backend.snapshot().values())
+    assert not store.delete("alice")
+
+
+def test_update_of_a_key_another_handle_deleted_raises_and_brings_nothing_back(backend, store):
+    store.create("alice", user("alice"))
+    other = backend.open()  # another process deletes it
+    assert other.delete("alice")
+    before = backend.snapshot()
+    with pytest.raises(RecordGone):
+        store.update("alice", lambda r: r.update(bio="late"))
+    assert backend.snapshot() == before
+    assert "alice" not in store and "alice" not in other
+
+
+def test_delete_check_sees_the_record_as_it_is_deleted_not_an_earlier_read(backend, store):
+    store.create("alice", user("alice", photo="old.webp"))
+    assert store.get("alice")["photo"] == "old.webp"  # what a request loaded first
+    other = backend.open()
+    other.update("alice", lambda r: r.update(photo="new.webp"))  # another tab, meanwhile
+    seen: list[dict] = []
+    assert store.delete("alice", seen.append) is True
+    assert [r["photo"] for r in seen] == ["new.webp"]
+    assert "alice" not in other
+    assert not any(b"new.webp" in data for data in backend.snapshot().values())
+
+
+def test_delete_check_that_raises_deletes_nothing(backend, store):
+    store.create("alice", user("alice"))
+    record = store.get("alice")
+    before = backend.snapshot()
+
+    def refuse(record: dict) -> None:
+        raise PermissionError("password changed")
+
+    with pytest.raises(PermissionError):
+        store.delete("alice", refuse)
+    assert backend.snapshot() == before
+    assert store.get("alice") == record
+
+
+def test_delete_of_a_missing_key_returns_false_without_calling_the_check(store):
+    called: list[dict] = []
+    assert store.delete("nobody", called.append) is False
+    assert called == []
+
+
+def test_threads_and_handles_incrementing_at_once_lose_nothing(backend):
+    handles = [backend.open(), backend.open()]
+    handles[0].create("counter", {"n": 0})
+    per_thread, threads = 40, 6
+
+    def work(store) -> None:
+        for _ in range(per_thread):
+            store.update("counter", lambda r: r.update(n=r["n"] + 1))
+
+    pool = [threading.Thread(target=work, args=(handles[i % 2],)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert backend.open().get("counter") == {"n": per_thread * threads}
+
+
+def test_store_used_across_a_fork_keeps_excluding_the_parent(backend):
+    """The child must not reuse the parent's lock (a flock) or connections (a socket)."""
+    store = backend.open()
+    store.create("counter", {"n": 0})  # opens the lock file or the pool before the fork
+    rounds = 100
+    pid = os.fork()
+    if pid == 0:  # child: same store object, inherited state
+        code = 1
+        try:
+            for _ in range(rounds):
+                store.update("counter", lambda r: r.update(n=r["n"] + 1))
+            code = 0
+        finally:
+            os._exit(code)
+    for _ in range(rounds):
+        store.update("counter", lambda r: r.update(n=r["n"] + 1))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get("counter") == {"n": 2 * rounds}
