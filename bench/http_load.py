@@ -10,6 +10,9 @@ is the median over the rounds:
   ``/account-details`` (logged in once through the real form);
 * both in the default configuration (one worker, threads) and with several
   workers sharing a Redis rate-limit storage;
+* secure_app's authenticated account page on the text database against the
+  same page with ``FLASK_DATABASE_URL`` on a throwaway PostgreSQL (one worker
+  each, same run; needs Debian's ``postgresql``, left out without it);
 * one ``POST /login`` against one bare Argon2id verify at the configured cost:
   the server's own time for the request (gunicorn's access log, ``%(D)s``),
   which is what the login costs the site, against the verify; and, for
@@ -64,7 +67,7 @@ from bench.bare_app import (  # noqa: E402
     RECORD,
 )
 from secure_app.passwords import ARGON2_DEFAULTS  # noqa: E402
-from tests.servers import Gunicorn, Redis, redis_server_path  # noqa: E402
+from tests.servers import Gunicorn, Postgres, Redis, postgres_bin, redis_server_path  # noqa: E402
 
 USERNAME = RECORD["username"]
 CSRF_RE = re.compile(r'name="csrf_token"(?: type="hidden")? value="([^"]+)"')
@@ -179,6 +182,23 @@ def wrk(
     if errors:
         bad += sum(int(n) for n in errors.groups())
     return Run(rps, p50, p99, bad, requests_done)
+
+
+def on_postgres(
+    stack: ExitStack, tmp: Path, env: dict[str, str], text: Gunicorn, text_cookie: str
+) -> tuple[str, Contender, Contender, float]:
+    """The account page on the text database against the same page on PostgreSQL."""
+    server = stack.enter_context(Postgres())
+    pg = stack.enter_context(
+        Gunicorn(tmp / "secure-pg", env={**env, "FLASK_DATABASE_URL": server.url()}, args=LOG_ARGS)
+    )
+    cookie = "session=" + log_in(pg.url).cookies["session"]
+    return (
+        "account, 1 worker, PostgreSQL",
+        Contender("text", text.url + "/account-details", text_cookie, text),
+        Contender("pg", pg.url + "/account-details", cookie, pg),
+        0.8,
+    )
 
 
 def csrf_of(page: str) -> str:
@@ -346,7 +366,8 @@ def main() -> int:
     script.write_text(WRK_SCRIPT)
     bare_args = ["bench.bare_app:app", *LOG_ARGS]
     secure_env = LIMITS_ENV if args.limits else BENCH_ENV
-    contenders: list[tuple[str, Contender, Contender]] = []  # (config, bare, secure)
+    # (configuration, the baseline, the one measured against it, its target ratio)
+    contenders: list[tuple[str, Contender, Contender, float]] = []
     with ExitStack() as stack:
         configs = [("1 worker", 1, {})]
         if with_redis:
@@ -389,10 +410,13 @@ def main() -> int:
                         Contender(
                             "secure", secure.url + secure_path, "" if anon else cookie, secure
                         ),
+                        0.85 if anon else 0.75,
                     )
                 )
+            if workers == 1 and postgres_bin() is not None:
+                contenders.append(on_postgres(stack, tmp, secure_env, secure, cookie))
 
-        every = [c for _, b, s in contenders for c in (b, s)]
+        every = [c for _, b, s, _ in contenders for c in (b, s)]
         for c in every:  # warm-up: imports, template compilation, caches
             wrk(c.url, 1, args.connections, script, c.cookie)
         for i in range(args.rounds):
@@ -439,9 +463,8 @@ def print_table(contenders, args, login: LoginCost) -> None:
     )
     print(head)
     print("-" * len(head))
-    for label, bare, secure in contenders:
+    for label, bare, secure, target in contenders:
         ratio = secure.median("rps") / bare.median("rps")
-        target = 0.85 if label.startswith("/second") else 0.75
         verdict = f"{ratio:6.2f} {'ok' if ratio >= target else 'MISS'}"
         for c, extra in ((bare, ""), (secure, verdict)):
             print(
@@ -451,6 +474,7 @@ def print_table(contenders, args, login: LoginCost) -> None:
     print(
         "\nratio: secure_app / bare requests per second, same configuration "
         "(targets: /second >= 0.85, account >= 0.75);\n"
+        "PostgreSQL row: secure_app on PostgreSQL / on the text database (target >= 0.8);\n"
         "CPU us: CPU time of the gunicorn processes per request, which hardly moves "
         "when other\nprograms share the machine."
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import re
 import resource
 import signal
@@ -98,6 +99,15 @@ def database_rows(url: str) -> dict[str, bytes]:
     return rows
 
 
+def stored_records(app: Flask) -> dict[str, bytes]:
+    """The records as stored, byte for byte: the data file, or the rows. Equal means unchanged."""
+    if app.config.get("DATABASE_URL"):
+        rows = database_rows(app.config["DATABASE_URL"])
+        return {key: value for key, value in rows.items() if key.startswith("postgres:users/")}
+    path = Path(app.config["DATA_DIR"]) / "users.jsonl"
+    return {"users.jsonl": path.read_bytes()} if path.exists() else {}
+
+
 def stored_bytes(app: Flask) -> dict[str, bytes]:
     """Every file and row the app keeps (data and photos), to prove a refused request changed none.
 
@@ -113,6 +123,15 @@ def stored_bytes(app: Flask) -> dict[str, bytes]:
         if root.exists():
             files.update({str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()})
     return files
+
+
+def photo_names(app: Flask) -> list[str]:
+    """Every photo the app's backend holds (files in the folder, or rows), sorted."""
+    return sorted(app.extensions["secure_app.photos"].listing())
+
+
+def photo_bytes(app: Flask, name: str) -> bytes:
+    return app.extensions["secure_app.photos"].get(name).data
 
 
 def csrf_token(client, path: str = "/login") -> str:
@@ -176,6 +195,16 @@ class AuthActions:
         token = csrf_token(self._client, "/change-password")
         data = {"current_password": current, "new_password": new, "confirm": new}
         return self._client.post("/change-password", data={**data, "csrf_token": token})
+
+    def upload_photo(self, image: bytes, full_name: str = "Alice"):
+        """Save the account details with ``image`` as the photo."""
+        token = csrf_token(self._client, "/account-details")
+        data = {"full_name": full_name, "email": "", "phone": "", "bio": "", "csrf_token": token}
+        return self._client.post(
+            "/account-details",
+            data={**data, "photo": (io.BytesIO(image), "me.png")},
+            content_type="multipart/form-data",
+        )
 
 
 @contextlib.contextmanager

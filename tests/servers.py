@@ -151,15 +151,20 @@ class Redis:
                 self.proc.wait()
 
 
-# Debian's postgresql package keeps its binaries here, off PATH.
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
 def postgres_bin() -> Path | None:
-    """The folder with initdb and pg_ctl, or None when PostgreSQL is not installed."""
+    """The folder with initdb and pg_ctl, or None when PostgreSQL is not installed.
+
+    Debian's postgresql package keeps them off PATH, in /usr/lib/postgresql/<major>/bin
+    (15 on bookworm); ``PG_BIN`` names another folder.
+    """
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3])
+    )
+    if debian:
+        return debian[-1].parent
     found = shutil.which("pg_ctl")
-    if (PG_BIN / "pg_ctl").is_file():
-        return PG_BIN
     return Path(found).parent if found else None
 
 

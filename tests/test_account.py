@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +12,14 @@ import pytest
 from PIL import Image
 
 import images
-from helpers import csrf_token, file_size_limit, record_lines
+from helpers import (
+    csrf_token,
+    file_size_limit,
+    photo_bytes,
+    photo_names,
+    record_lines,
+    stored_bytes,
+)
 from secure_app import uploads
 from secure_app.store.text import TextStore
 
@@ -75,11 +81,6 @@ def data_file(app) -> Path:
     return Path(app.config["DATA_DIR"]) / "users.jsonl"
 
 
-def photos(app) -> list[str]:
-    folder = Path(app.config["PHOTO_DIR"])
-    return sorted(os.listdir(folder)) if folder.exists() else []
-
-
 def post_details(client, photo: tuple[bytes, str, str] | None = None, **fields: str):
     data: dict = {"csrf_token": csrf_token(client, "/account-details"), **VALID, **fields}
     if photo is not None:
@@ -105,11 +106,11 @@ def test_anonymous_visitor_is_sent_to_login_with_next(client):
 
 def test_anonymous_post_stores_nothing(app, client, auth):
     auth.register()
-    before = data_file(app).read_bytes()
+    before = stored_bytes(app)
     token = csrf_token(client, "/login")
     response = client.post("/account-details", data={"csrf_token": token, **VALID})
     assert response.status_code == 302
-    assert data_file(app).read_bytes() == before
+    assert stored_bytes(app) == before
 
 
 def test_login_returns_to_the_account_page(client, auth):
@@ -148,6 +149,7 @@ def test_awkward_text_is_stored_exactly_and_rendered_escaped(app, logged_in):
     assert {f: values[f] for f in FIELDS} == AWKWARD
 
 
+@pytest.mark.text_database
 def test_data_file_is_readable_utf8_text_with_the_details(app, logged_in):
     post_details(logged_in, **AWKWARD)
     text = data_file(app).read_bytes().decode("utf-8")
@@ -206,18 +208,18 @@ def test_values_at_the_limit_are_accepted(app, logged_in, field, value):
 def test_each_field_rule_refuses_with_a_message_and_stores_nothing(
     app, logged_in, field, value, message
 ):
-    before = data_file(app).read_bytes()
+    before = stored_bytes(app)
     response = post_details(logged_in, **{field: value})
     assert response.status_code == 422
     assert message in response.get_data(as_text=True)
-    assert data_file(app).read_bytes() == before
+    assert stored_bytes(app) == before
 
 
 def test_missing_csrf_token_is_refused_and_stores_nothing(app, logged_in):
-    before = data_file(app).read_bytes()
+    before = stored_bytes(app)
     response = logged_in.post("/account-details", data=VALID)
     assert response.status_code == 400
-    assert data_file(app).read_bytes() == before
+    assert stored_bytes(app) == before
 
 
 # -- photo --------------------------------------------------------------------------------------
@@ -241,8 +243,8 @@ def test_real_photo_is_stored_under_a_server_made_name_and_shown(
     assert response.status_code == 303
     name = record(app)["photo"]
     assert uploads.NAME_RE.match(name)  # 32 hex characters, made by the server
-    assert photos(app) == [name]
-    stored = (Path(app.config["PHOTO_DIR"]) / name).read_bytes()
+    assert photo_names(app) == [name]
+    stored = photo_bytes(app, name)
     assert images.SECRET not in stored
     assert Image.open(io.BytesIO(stored)).format == "WEBP"
 
@@ -288,13 +290,13 @@ def test_photo_is_served_as_webp_with_nosniff_and_a_restrictive_csp(app, logged_
     ids=["text", "svg", "html", "png+zip", "truncated-jpeg", "bomb"],
 )
 def test_non_image_named_png_is_refused_and_nothing_is_stored(app, logged_in, body, filename):
-    before = data_file(app).read_bytes()
+    before = stored_bytes(app)
     response = post_details(logged_in, photo=(body, filename, "image/png"), full_name="Changed")
     assert response.status_code == 422
     page = response.get_data(as_text=True)
     assert "JPEG, PNG or WebP" in page or "too large" in page
-    assert data_file(app).read_bytes() == before  # the valid full_name was not saved either
-    assert photos(app) == []
+    assert stored_bytes(app) == before  # the valid full_name was not saved either
+    assert photo_names(app) == []
 
 
 def test_photo_over_five_mib_is_refused_with_a_message(app, logged_in):
@@ -302,13 +304,13 @@ def test_photo_over_five_mib_is_refused_with_a_message(app, logged_in):
     response = upload(logged_in, big)
     assert response.status_code == 422
     assert "larger than 5 MiB" in response.get_data(as_text=True)
-    assert photos(app) == []
+    assert photo_names(app) == []
 
 
 def test_request_over_the_body_limit_is_413(app, logged_in):
     huge = b"\x00" * (app.config["MAX_CONTENT_LENGTH"] + 1)
     assert upload(logged_in, huge).status_code == 413
-    assert photos(app) == []
+    assert photo_names(app) == []
 
 
 def test_new_photo_replaces_the_old_one(app, logged_in):
@@ -317,7 +319,7 @@ def test_new_photo_replaces_the_old_one(app, logged_in):
     upload(logged_in, images.jpeg())
     new = record(app)["photo"]
     assert new != old
-    assert photos(app) == [new]
+    assert photo_names(app) == [new]
     assert logged_in.get(f"/public/images/profile/{old}").status_code == 404
 
 
@@ -326,16 +328,17 @@ def test_refused_photo_keeps_the_old_one(app, logged_in):
     old = record(app)["photo"]
     assert upload(logged_in, images.polyglot_html(images.jpeg())).status_code == 422
     assert record(app)["photo"] == old
-    assert photos(app) == [old]
+    assert photo_names(app) == [old]
 
 
 def test_saving_details_without_a_photo_keeps_the_photo(app, logged_in):
     upload(logged_in, images.png())
     old = record(app)["photo"]
     assert post_details(logged_in, full_name="New name").status_code == 303
-    assert record(app)["photo"] == old and photos(app) == [old]
+    assert record(app)["photo"] == old and photo_names(app) == [old]
 
 
+@pytest.mark.text_database  # the fault is the data file's size limit
 def test_failed_save_leaves_no_orphan_photo_and_keeps_the_old_one(app, logged_in, monkeypatch):
     upload(logged_in, images.png())
     old = record(app)["photo"]
@@ -356,7 +359,7 @@ def test_failed_save_leaves_no_orphan_photo_and_keeps_the_old_one(app, logged_in
     assert response.status_code == 503
     assert data_file(app).read_bytes() == before
     assert record(app)["photo"] == old
-    assert photos(app) == [old]
+    assert photo_names(app) == [old]
 
 
 def test_remove_photo_deletes_file_and_record(app, logged_in):
@@ -366,7 +369,7 @@ def test_remove_photo_deletes_file_and_record(app, logged_in):
     response = logged_in.post("/account-details/remove-photo", data={"csrf_token": token})
     assert response.status_code == 303
     assert record(app)["photo"] is None
-    assert photos(app) == []
+    assert photo_names(app) == []
     page = logged_in.get("/account-details").get_data(as_text=True)
     assert "No photo yet" in page and name not in page
 
@@ -375,7 +378,7 @@ def test_remove_photo_without_csrf_token_is_refused(app, logged_in):
     upload(logged_in, images.png())
     name = record(app)["photo"]
     assert logged_in.post("/account-details/remove-photo").status_code == 400
-    assert record(app)["photo"] == name and photos(app) == [name]
+    assert record(app)["photo"] == name and photo_names(app) == [name]
 
 
 def test_remove_photo_needs_login(app, client, auth):

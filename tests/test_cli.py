@@ -9,6 +9,8 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token
 from images import png
 from secure_app import create_app
@@ -139,6 +141,7 @@ def _age(path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
+@pytest.mark.text_database  # photo files; on PostgreSQL: test_store_postgres.py
 def test_prune_photos_removes_only_old_files_no_record_points_to(app, runner, logged_in):
     _upload(logged_in)
     folder = Path(app.config["PHOTO_DIR"])
@@ -166,6 +169,7 @@ def test_prune_photos_removes_only_old_files_no_record_points_to(app, runner, lo
     assert logged_in.get("/public/images/profile/" + kept.name).status_code == 200
 
 
+@pytest.mark.text_database  # photo files; on PostgreSQL: test_store_postgres.py
 def test_prune_photos_grace_and_dry_run(app, runner):
     folder = Path(app.config["PHOTO_DIR"])
     folder.mkdir(parents=True)
@@ -183,6 +187,7 @@ def test_prune_photos_grace_and_dry_run(app, runner):
     assert refused.exit_code == 2
 
 
+@pytest.mark.text_database  # photo files; on PostgreSQL: test_store_postgres.py
 def test_prune_photos_removes_the_photo_of_a_record_deleted_before_its_file(app, runner, logged_in):
     """What a crash between deleting the record and removing the file leaves behind."""
     _upload(logged_in)
@@ -197,6 +202,7 @@ def test_prune_photos_removes_the_photo_of_a_record_deleted_before_its_file(app,
     assert logged_in.get("/public/images/profile/" + photo.name).status_code == 404
 
 
+@pytest.mark.text_database  # photo files; on PostgreSQL: test_store_postgres.py
 def test_prune_photos_reports_records_whose_photo_is_missing(app, runner, logged_in):
     _upload(logged_in)
     photo = Path(app.config["PHOTO_DIR"]) / _stored(app, "alice")["photo"]
@@ -206,6 +212,7 @@ def test_prune_photos_reports_records_whose_photo_is_missing(app, runner, logged
     assert "Records whose photo is missing: alice" in result.output
 
 
+@pytest.mark.text_database  # photo files; on PostgreSQL: test_store_postgres.py
 def test_prune_photos_without_a_photo_folder_does_nothing(app, runner):
     result = runner.invoke(args=["prune-photos"])
     assert result.exit_code == 0

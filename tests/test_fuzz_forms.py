@@ -19,7 +19,7 @@ from test_account import parse
 from werkzeug.datastructures import MultiDict
 
 import images
-from helpers import PASSWORD, AuthActions, csrf_token, make_app
+from helpers import PASSWORD, AuthActions, csrf_token, make_app, stored_records
 from secure_app import passwords
 from secure_app.auth import LOGIN_FAILED
 from secure_app.forms import USERNAME_RE
@@ -106,10 +106,6 @@ def site(tmp_path: Path):
     return app, client
 
 
-def data_file(app) -> bytes:
-    return (Path(app.config["DATA_DIR"]) / "users.jsonl").read_bytes()
-
-
 class Markup(HTMLParser):
     """Collect the tags and attribute names that a browser would see."""
 
@@ -161,7 +157,7 @@ def test_account_form_stores_valid_text_exactly_and_refuses_the_rest(tmp_path):
     @given(data=st.data())
     def submit(data) -> None:
         sent = spoil(data, **{n: data.draw(VALID_ACCOUNT[n], label=n) for n in names})
-        before, old = data_file(app), store.get("alice")
+        before, old = stored_records(app), store.get("alice")
         response = client.post("/account-details", data=form(token, **sent))
         assert response.status_code in (303, 413, 422), response.status_code
         # A missing field keeps its stored value; a repeated one counts once.
@@ -178,7 +174,7 @@ def test_account_form_stores_valid_text_exactly_and_refuses_the_rest(tmp_path):
             assert {n: values[n] for n in names} == wanted  # escaped, so it reads back exactly
             assert_escaped(page)
         else:
-            assert data_file(app) == before
+            assert stored_records(app) == before
             if response.status_code == 422:
                 assert False in verdicts or verdicts[1] is None  # None: the email's verdict
                 page = response.get_data(as_text=True)
@@ -204,7 +200,7 @@ def test_register_form_creates_only_valid_accounts_and_never_5xx(tmp_path):
         name = (first(username) or "").lower()
         secret = first(password) or ""
         taken = name in store
-        before = data_file(app) if store.keys() else b""
+        before = stored_records(app)
         response = client.post(
             "/register", data=form(token, username=username, password=password, confirm=confirm)
         )
@@ -223,7 +219,7 @@ def test_register_form_creates_only_valid_accounts_and_never_5xx(tmp_path):
                 assert passwords.verify_password(store.get(name)["password_hash"], secret)
             assert store.get(name)["username"] == name
         else:
-            assert (data_file(app) if store.keys() else b"") == before
+            assert (stored_records(app)) == before
             if response.status_code == 422:
                 page = response.get_data(as_text=True)
                 assert 'class="error"' in page
@@ -246,7 +242,7 @@ def test_login_form_admits_only_the_right_password_and_never_5xx(tmp_path):
         ).values()
         if data.draw(st.booleans()):  # look-alikes of the right name
             username = data.draw(usernames, label="username")
-        before = data_file(app)
+        before = stored_records(app)
         # Log out, and take a fresh token: a login starts a new session (no fixation).
         with client.session_transaction() as session:
             session.clear()
@@ -260,7 +256,7 @@ def test_login_form_admits_only_the_right_password_and_never_5xx(tmp_path):
             with client.session_transaction() as session:
                 assert session["uid"] == "alice"
         else:
-            assert data_file(app) == before  # a failed login writes nothing
+            assert stored_records(app) == before  # a failed login writes nothing
             if response.status_code == 200:
                 page = response.get_data(as_text=True)
                 assert LOGIN_FAILED in page
@@ -280,7 +276,7 @@ def test_change_password_form_changes_only_on_valid_input_and_never_5xx(tmp_path
     def submit(data) -> None:
         new = data.draw(STRONG)
         old, new, confirm = spoil(data, current=current[0], new=new, confirm=new).values()
-        before = data_file(app)
+        before = stored_records(app)
         response = client.post(
             "/change-password",
             data=form(token, current_password=old, new_password=new, confirm=confirm),
@@ -301,7 +297,7 @@ def test_change_password_form_changes_only_on_valid_input_and_never_5xx(tmp_path
             # This session got a new id and stays logged in.
             assert client.get("/account-details").status_code == 200
         else:
-            assert data_file(app) == before
+            assert stored_records(app) == before
             if response.status_code == 422:
                 page = response.get_data(as_text=True)
                 assert 'class="error"' in page

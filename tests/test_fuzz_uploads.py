@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import images
-from helpers import AuthActions, csrf_token, make_app
+from helpers import AuthActions, csrf_token, database_rows, make_app, photo_bytes, photo_names
 from secure_app import ROOT, uploads
 from secure_app.store.text import FolderPhotos
 
@@ -166,10 +166,18 @@ def test_fuzzed_uploads_never_5xx_and_either_replace_the_photo_or_change_nothing
     token = csrf_token(client, "/account-details")  # valid for the whole session
     repo_before = repo_photo_folder()
 
+    def snapshot() -> dict[str, bytes]:
+        """Every file under the site's folder, and every row when it is on PostgreSQL."""
+        url = app.config.get("DATABASE_URL")
+        return {**tree(root), **(database_rows(url) if url else {})}
+
+    def is_photo(path: str) -> bool:
+        return path.startswith("postgres:photos/") or (root / path).is_relative_to(photo_dir)
+
     @MORE
     @given(body=BODIES, filename=FILENAMES, content_type=CONTENT_TYPES)
     def upload(body: bytes, filename: str, content_type: str) -> None:
-        before = tree(root)
+        before = snapshot()
         old = store.get("alice")["photo"]
         response = client.post(
             "/account-details",
@@ -181,8 +189,8 @@ def test_fuzzed_uploads_never_5xx_and_either_replace_the_photo_or_change_nothing
             content_type="multipart/form-data",
         )
         assert response.status_code < 500
-        after = tree(root)
-        outside = {p for p in set(before) | set(after) if not (root / p).is_relative_to(photo_dir)}
+        after = snapshot()
+        outside = {p for p in set(before) | set(after) if not is_photo(p)}
         new = store.get("alice")["photo"]
         if response.status_code == 303 and new == old:
             # The server saw no file (a browser sends an empty filename when none was
@@ -193,13 +201,14 @@ def test_fuzzed_uploads_never_5xx_and_either_replace_the_photo_or_change_nothing
         elif response.status_code == 303:
             # Exactly one new clean photo replaced the old one, and it is served.
             assert new != old and uploads.NAME_RE.match(new)
-            assert sorted(os.listdir(photo_dir)) == [new]
-            assert_clean_webp((photo_dir / new).read_bytes())
+            assert photo_names(app) == [new]
+            assert_clean_webp(photo_bytes(app, new))
             served = client.get(f"/public/images/profile/{new}")
             assert served.status_code == 200 and served.mimetype == "image/webp"
-            assert served.data == (photo_dir / new).read_bytes()
+            assert served.data == photo_bytes(app, new)
             changed = {p for p in outside if before.get(p) != after.get(p)}
-            assert changed <= {"data/users.jsonl"}  # only the record changed elsewhere
+            # only the record changed elsewhere
+            assert changed <= {"data/users.jsonl", "postgres:users/alice"}
         else:
             assert response.status_code in (400, 413, 422), response.status_code
             assert after == before  # nothing at all changed

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from helpers import make_app
+from helpers import make_app, stored_bytes
 from secure_app import mfa
 from secure_app.store import get_store, new_user
 
@@ -208,9 +208,8 @@ def test_key_file_is_0600_in_the_instance_folder_not_the_data_folder(ctx, tmp_pa
 
 def test_an_instance_folder_inside_the_data_folder_is_refused(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("FLASK_INSTANCE_PATH", str(tmp_path / "data" / "instance"))
-    app = make_app(tmp_path)
-    with app.app_context(), pytest.raises(RuntimeError, match="must not be inside the data"):
-        mfa.encrypt_secret("alice", SECRET)
+    with pytest.raises(RuntimeError, match="must not be inside the data"):
+        make_app(tmp_path)  # at start-up, where the key file is made
 
 
 def test_enrolment_token_expires_and_names_its_user(ctx) -> None:
@@ -234,17 +233,21 @@ def test_a_stolen_data_file_alone_yields_no_codes(tmp_path, monkeypatch) -> None
     app = make_app(tmp_path)
     with app.app_context():
         _store_totp_user()
-    raw = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
+    raw = b"".join(stored_bytes(app).values())  # the data file, or the database's rows
     secret_bytes = base64.b32decode(SECRET)
     for form in (SECRET, SECRET.lower(), mfa.spaced(SECRET)):
         assert form.encode() not in raw
     for encoded in (secret_bytes, secret_bytes.hex().encode(), base64.b64encode(secret_bytes)):
         assert encoded not in raw
-    # The thief runs the app on the stolen file, with a key of their own.
+    # The thief runs the app on the stolen file (or a dump of the database), with a key
+    # of their own.
     thief = tmp_path / "thief"
-    shutil.copytree(tmp_path / "data", thief / "data")
     monkeypatch.setenv("FLASK_INSTANCE_PATH", str(thief / "instance"))
-    stolen = make_app(thief)
+    if app.config.get("DATABASE_URL"):
+        stolen = make_app(thief, DATABASE_URL=app.config["DATABASE_URL"])
+    else:
+        shutil.copytree(tmp_path / "data", thief / "data")
+        stolen = make_app(thief)
     later = NOW + 60
     with stolen.app_context():
         record = get_store().get("alice")

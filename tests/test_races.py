@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -25,7 +24,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
 from PIL import Image
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app, photo_names
 from secure_app import passwords
 from secure_app.auth import LOGIN_FAILED
 from secure_app.store import get_store
@@ -65,8 +64,7 @@ def _png() -> bytes:
 
 
 def _photos(app) -> set[str]:
-    folder = Path(app.config["PHOTO_DIR"])
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+    return set(photo_names(app))
 
 
 def _in_thread(action: Callable[[], object]) -> object:
@@ -153,20 +151,19 @@ def _upload(client):
 # -- finding 2: a login in flight and a password change -------------------------------------
 
 
-def test_only_if_unchanged_applies_the_change_only_to_the_verified_hash(tmp_path):
-    store = TextStore(tmp_path / "data")
+def test_only_if_unchanged_applies_the_change_only_to_the_verified_hash(backend):
+    store = backend.open()
     store.create("alice", {"password_hash": "H1", "bio": ""})
     store.update("alice", passwords.only_if_unchanged("H1", lambda r: r.update(bio="kept")))
     store.update("alice", lambda r: r.update(password_hash="H2"))  # changed meanwhile
-    before = (tmp_path / "data" / "users.jsonl").read_bytes()
+    before = backend.snapshot()
     with pytest.raises(passwords.PasswordChanged):
         store.update("alice", passwords.only_if_unchanged("H1", lambda r: r.update(bio="late")))
     with pytest.raises(passwords.PasswordChanged):
         store.delete("alice", passwords.only_if_unchanged("H1"))
-    assert (tmp_path / "data" / "users.jsonl").read_bytes() == before
+    assert backend.snapshot() == before
     assert store.get("alice") == {"password_hash": "H2", "bio": "kept"}
     assert store.delete("alice", passwords.only_if_unchanged("H2")) is True
-    store.close()
 
 
 def test_login_in_flight_gets_no_session_after_a_password_change(tmp_path, monkeypatch):

@@ -437,6 +437,7 @@ def test_a_failed_login_is_written_only_after_the_response_has_gone(app):
     assert record(app)["events"][-1]["k"] == "login_failure"
 
 
+@pytest.mark.text_database  # the bound on the file; the record's bound is checked on both
 def test_a_flood_of_failed_logins_never_grows_the_record_or_the_file_past_a_bound(app):
     guesser = browser(app, SAFARI, "203.0.113.7")
     data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"

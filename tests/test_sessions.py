@@ -8,14 +8,21 @@ import json
 import os
 import stat
 import time
-from pathlib import Path
 
 import pytest
 from flask.json.tag import TaggedJSONSerializer
 from itsdangerous import URLSafeTimedSerializer
 from PIL import Image
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    AuthActions,
+    csrf_token,
+    make_app,
+    photo_names,
+    stored_bytes,
+)
 from secure_app import create_app, sessions
 from secure_app.auth import SESSION_EXPIRED
 from secure_app.config import KEYS_FILE
@@ -204,7 +211,7 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-def _upload_photo(app, client) -> Path:
+def _upload_photo(app, client) -> str:
     token = csrf_token(client, "/account-details")
     response = client.post(
         "/account-details",
@@ -220,9 +227,8 @@ def _upload_photo(app, client) -> Path:
     )
     assert response.status_code == 303
     name = _record(app)["photo"]
-    path = Path(app.config["PHOTO_DIR"]) / name
-    assert path.is_file()
-    return path
+    assert photo_names(app) == [name]
+    return name
 
 
 def test_delete_account_removes_record_photo_and_every_session(app, logged_in):
@@ -232,11 +238,10 @@ def test_delete_account_removes_record_photo_and_every_session(app, logged_in):
     assert response.status_code == 302
     assert response.headers["Clear-Site-Data"] == '"cookies", "storage"'
     assert _record(app) is None
-    assert not photo.exists()
+    assert photo not in photo_names(app)
     assert not _is_logged_in(logged_in)
     assert not _is_logged_in(elsewhere)
-    data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"
-    assert "Alice Liddell" not in data_file.read_text(encoding="utf-8")
+    assert b"Alice Liddell" not in b"".join(stored_bytes(app).values())
 
 
 def test_delete_account_with_wrong_password_deletes_nothing(app, logged_in):
@@ -247,7 +252,7 @@ def test_delete_account_with_wrong_password_deletes_nothing(app, logged_in):
     page = logged_in.get(response.headers["Location"]).get_data(as_text=True)
     assert "Your account was not deleted" in page
     assert _record(app) == before
-    assert photo.is_file()
+    assert photo_names(app) == [photo]
 
 
 def test_delete_account_without_csrf_token_deletes_nothing(app, logged_in):

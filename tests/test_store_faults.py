@@ -257,7 +257,7 @@ def until(check, timeout: float = 30.0):
 
 @pytest.mark.slow
 def test_postgres_stopped_raises_store_error_and_the_same_store_recovers_when_it_is_back(
-    own_postgres, tmp_path
+    own_postgres, tmp_path, caplog
 ):
     store = PostgresStore(namespaced_url(own_postgres.url(), str(tmp_path)), timeout=1)
     assert store.create("alice", new_user("alice", "$argon2id$h"))
@@ -272,12 +272,14 @@ def test_postgres_stopped_raises_store_error_and_the_same_store_recovers_when_it
             lambda: store.photos.get("ab" * 16 + ".webp"),
         ):
             started = time.monotonic()
-            with pytest.raises(StoreError):
+            with pytest.raises(StoreError) as refused:
                 attempt()
             assert time.monotonic() - started < 5  # bounded by DATABASE_TIMEOUT, not hung
+            assert Postgres.PASSWORD not in str(refused.value)
     finally:
         own_postgres.start()
     assert until(lambda: store.get("alice"))["bio"] == "acknowledged"  # no restart of the app
+    assert Postgres.PASSWORD not in caplog.text
     assert store.get("bob") is None
     store.close()
 

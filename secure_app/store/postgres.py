@@ -117,8 +117,8 @@ class PostgresStore:
         try:
             with self._connection():
                 pass  # creates or upgrades the schema now, at start-up
-        except StoreError:
-            log.error("PostgreSQL is unreachable at start-up; retrying on each request")
+        except StoreError as exc:
+            log.error("PostgreSQL cannot be used at start-up (%s); retrying on each request", exc)
 
     # -- connections ---------------------------------------------------------
 
@@ -162,6 +162,7 @@ class PostgresStore:
                     self._migrate(conn)
                 yield conn
         except psycopg.Error as exc:
+            # The class name only: a message may quote the connection's parameters.
             raise StoreError(f"the database failed: {type(exc).__name__}") from exc
 
     @contextmanager
@@ -170,24 +171,38 @@ class PostgresStore:
             yield conn
 
     def _migrate(self, conn: psycopg.Connection) -> None:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS secure_app_schema (version integer NOT NULL)")
-            row = conn.execute("SELECT version FROM secure_app_schema").fetchone()
-            version = 0 if row is None else row[0]
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"the database's schema is version {version}, newer than this code "
-                    f"({len(MIGRATIONS)}): upgrade the app before using this database"
+        """Create or upgrade the schema; with it current, only read its version.
+
+        Only reading when nothing is to be done lets the site run as a role
+        that may not create tables (SECURITY.md, "The database").
+        """
+        if self._version(conn) != len(MIGRATIONS):
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS secure_app_schema (version integer NOT NULL)"
                 )
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
-            if row is None:
+                version = self._version(conn)  # again: another host may have just upgraded it
+                for statements in MIGRATIONS[version:]:
+                    for statement in statements:
+                        conn.execute(statement)
+                conn.execute("DELETE FROM secure_app_schema")
                 conn.execute("INSERT INTO secure_app_schema VALUES (%s)", (len(MIGRATIONS),))
-            elif version < len(MIGRATIONS):
-                conn.execute("UPDATE secure_app_schema SET version = %s", (len(MIGRATIONS),))
         self._schema_ready = True
+
+    @staticmethod
+    def _version(conn: psycopg.Connection) -> int:
+        """The schema's recorded version; 0 for an empty database."""
+        if conn.execute("SELECT to_regclass('secure_app_schema')").fetchone()[0] is None:
+            return 0
+        row = conn.execute("SELECT max(version) FROM secure_app_schema").fetchone()
+        version = row[0] or 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the database's schema is version {version}, newer than this code "
+                f"({len(MIGRATIONS)}): upgrade the app before using this database"
+            )
+        return version
 
     # -- records -------------------------------------------------------------
 

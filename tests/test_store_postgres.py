@@ -1,0 +1,170 @@
+"""What only the PostgreSQL backend has: its schema, its roles, photos deleted with their record.
+
+The promises both backends share are in test_store_contract.py (and the state
+machine, processes and faults files), run on both.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from helpers import AuthActions, make_app, namespaced_url
+from images import png
+from secure_app.store import StoreError, new_user
+from secure_app.store.postgres import MIGRATIONS, PostgresStore
+
+
+@pytest.fixture
+def url(postgres_server, tmp_path) -> str:
+    return namespaced_url(postgres_server.url(), str(tmp_path))
+
+
+def tables(url: str) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = conn.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = current_schema() ORDER BY table_name"
+        ).fetchall()
+        versions = conn.execute("SELECT version FROM secure_app_schema").fetchall()
+    return [*names, *versions]
+
+
+def test_schema_is_created_at_start_with_its_version_and_a_restart_changes_nothing(url):
+    first = PostgresStore(url)  # creates the tables in its constructor: at start-up
+    assert tables(url) == [
+        ("photos",),
+        ("secure_app_schema",),
+        ("users",),
+        (len(MIGRATIONS),),
+    ]
+    first.create("alice", new_user("alice", "$argon2id$h"))
+    first.close()
+    again = PostgresStore(url)
+    assert tables(url) == [("photos",), ("secure_app_schema",), ("users",), (len(MIGRATIONS),)]
+    assert again.get("alice")["username"] == "alice"
+    again.close()
+
+
+def test_hosts_starting_at_once_on_an_empty_database_create_one_schema(url):
+    errors: list[BaseException] = []
+    stores: list[PostgresStore] = []
+    barrier = threading.Barrier(6)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            store = PostgresStore(url)
+            stores.append(store)
+            store.keys()  # raises if its start-up did not leave a usable schema
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert tables(url)[-1:] == [(len(MIGRATIONS),)] and len(tables(url)) == 4
+    for store in stores:
+        store.close()
+
+
+def test_a_schema_newer_than_the_code_is_refused_with_a_clear_message(url):
+    PostgresStore(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE secure_app_schema SET version = %s", (len(MIGRATIONS) + 1,))
+    store = PostgresStore(url, timeout=1)
+    with pytest.raises(StoreError, match="newer than this code"):
+        store.get("alice")
+    store.close()
+
+
+def test_the_site_runs_as_a_role_that_may_read_and_write_rows_and_nothing_more(
+    postgres_server, tmp_path
+):
+    """SECURITY.md's least-privilege set-up: the owner migrates, the web role only uses rows."""
+    owner_url = namespaced_url(postgres_server.url(), str(tmp_path))
+    PostgresStore(owner_url).close()  # the schema made by the owning role (a deploy step)
+    schema = owner_url.rsplit("%3D", 1)[1]
+    postgres_server.admin(
+        "DROP ROLE IF EXISTS web_only",
+        "CREATE ROLE web_only LOGIN PASSWORD 'web-only-password'",
+        f"GRANT USAGE ON SCHEMA {schema} TO web_only",
+        f"GRANT SELECT ON {schema}.secure_app_schema TO web_only",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.users, {schema}.photos TO web_only",
+        database="secure_app",
+    )
+    web_url = owner_url.replace("secure_app:test-only-password", "web_only:web-only-password")
+    app = make_app(tmp_path, DATABASE_URL=web_url)
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    assert auth.upload_photo(png()).status_code == 303
+    assert client.get("/account-details").status_code == 200
+    with psycopg.connect(web_url, autocommit=True) as conn:
+        for ddl in ("DROP TABLE users", "ALTER TABLE users ADD COLUMN x int", "CREATE TABLE x ()"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(ddl)
+
+
+def test_deleting_a_user_deletes_their_photo_in_the_same_transaction(url):
+    store = PostgresStore(url)
+    store.photos.put("ab" * 16 + ".webp", b"photo bytes")
+    store.create("alice", {**new_user("alice", "$argon2id$h"), "photo": "ab" * 16 + ".webp"})
+
+    def refuse(record: dict) -> None:
+        raise PermissionError("password changed")
+
+    with pytest.raises(PermissionError):
+        store.delete("alice", refuse)
+    assert store.photos.get("ab" * 16 + ".webp").data == b"photo bytes"  # refused: both stay
+    assert store.delete("alice")
+    assert store.photos.get("ab" * 16 + ".webp") is None and store.get("alice") is None
+    store.close()
+
+
+def test_on_postgres_nothing_is_written_to_the_data_or_photo_folders(url, tmp_path):
+    app = make_app(tmp_path, DATABASE_URL=url)
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    assert auth.upload_photo(png()).status_code == 303
+    for key in ("DATA_DIR", "PHOTO_DIR"):
+        folder = Path(app.config[key])
+        assert not folder.exists() or not any(folder.rglob("*")), key
+
+
+def test_prune_photos_removes_old_rows_no_record_points_to(url, tmp_path):
+    app = make_app(tmp_path, DATABASE_URL=url)
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    assert auth.upload_photo(png()).status_code == 303
+    store = app.extensions["secure_app.store"]
+    kept = store.get("alice")["photo"]
+    orphan, fresh = "ab" * 16 + ".webp", "cd" * 16 + ".webp"
+    for name in (orphan, fresh):
+        store.photos.put(name, b"x")
+    with psycopg.connect(url, autocommit=True) as conn:  # as if stored two hours ago
+        conn.execute(
+            "UPDATE photos SET created = created - interval '2 hours' WHERE name IN (%s, %s)",
+            (kept, orphan),
+        )
+    runner = app.test_cli_runner()
+    dry = runner.invoke(args=["prune-photos", "--dry-run"])
+    assert dry.exit_code == 0 and f"would remove {orphan}" in dry.output
+    assert len(store.photos.listing()) == 3
+    result = runner.invoke(args=["prune-photos"])
+    assert result.exit_code == 0, result.output
+    assert "Removed 1 photo(s)" in result.output
+    assert sorted(store.photos.listing()) == sorted([kept, fresh])
+    assert client.get("/public/images/profile/" + kept).status_code == 200
+    assert client.get("/public/images/profile/" + orphan).status_code == 404
