@@ -4,7 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench soak observatory clean
+.PHONY: run test test-postgres lint format bench soak observatory clean
+
+# The request tests once more with every app on PostgreSQL. Not repeated: the
+# store's own tests (they run on both backends already), and the perimeter
+# and unit tests that never reach the store.
+POSTGRES_PASS := -m "not browser and not slow and not text_database" tests \
+	--ignore=tests/browser --ignore=tests/test_store.py --ignore=tests/test_store_contract.py \
+	--ignore=tests/test_store_stateful.py --ignore=tests/test_store_processes.py \
+	--ignore=tests/test_store_faults.py --ignore=tests/test_store_postgres.py \
+	--ignore=tests/test_transfer.py --ignore=tests/test_content_types.py \
+	--ignore=tests/test_fuzz_bodies.py --ignore=tests/test_uploads.py \
+	--ignore=tests/test_passwords.py --ignore=tests/test_security_headers.py \
+	--ignore=tests/test_templates.py --ignore=tests/test_mail.py --ignore=tests/test_audit.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +37,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+ifeq ($(PYTEST_ARGS),)
+	$(MAKE) --no-print-directory test-postgres
+endif
+
+test-postgres: $(VENV)/.installed-test
+	SECURE_APP_TEST_DATABASE=postgres $(BIN)/python -m pytest $(POSTGRES_PASS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

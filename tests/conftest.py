@@ -64,8 +64,7 @@ def _apps_on_postgres(request):
 def _close_stores():
     """Close every app's store after each test: no connection pool outlives its test."""
     yield
-    while helpers.OPEN_APPS:
-        helpers.OPEN_APPS.pop().extensions["secure_app.store"].close()
+    helpers.close_apps()
 
 
 class Backend:

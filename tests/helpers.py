@@ -73,6 +73,13 @@ def make_app(tmp_path: Path, **overrides: object) -> Flask:
     return app
 
 
+def close_apps() -> None:
+    """Close the store of every app make_app built so far: a test or a state machine's
+    example that builds apps calls it when done, so no connection pool outlives them."""
+    while OPEN_APPS:
+        OPEN_APPS.pop().extensions["secure_app.store"].close()
+
+
 def open_store(spec: str) -> Records:
     """A store handle on a text database folder or a postgresql:// URL: another process's view."""
     if spec.startswith("postgresql://"):

@@ -21,7 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from helpers import PASSWORD, AuthActions, csrf_token, make_app, photo_names
+from helpers import PASSWORD, AuthActions, close_apps, csrf_token, make_app, photo_names
 from images import png
 from secure_app import passwords
 from secure_app.store import get_store
@@ -90,6 +90,7 @@ class PhotoLifecycle(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         passwords.verify_password = self.real_verify
+        close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- the requests -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from test_fuzz_forms import CHEAP_ARGON2
 from test_recovery import NEW_PASSWORD, body, change_email, confirm, link_of, outbox, path_of
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, Clock, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, Clock, close_apps, csrf_token, make_app
 from secure_app import mail, passwords
 from secure_app.store import get_store
 
@@ -66,6 +66,7 @@ class RecoveryMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         mail.flush(10, self.app)  # nothing left writing into the folder removed below
         time.time = self._real_time
+        close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers --

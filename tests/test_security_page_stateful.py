@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, close_apps, csrf_token, make_app
 from secure_app import events, sessions
 from secure_app.store import get_store
 
@@ -38,6 +38,7 @@ class SessionsMachine(RuleBasedStateMachine):
         self.copies: dict[str, str] = {}  # sid -> the raw cookie that carried it
 
     def teardown(self) -> None:
+        close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers --------------------------------------------------------------------

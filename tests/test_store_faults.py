@@ -187,6 +187,7 @@ def test_read_only_folder_refuses_an_update_and_still_reads(faulty):
     store.close()
 
 
+@pytest.mark.text_database  # the fault is in the data folder
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_account_details_save_that_fails_gives_503_and_changes_nothing(
     faulty, tmp_path, fault, monkeypatch

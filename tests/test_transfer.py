@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import database_rows, make_app, namespaced_url
+from helpers import close_apps, database_rows, make_app, namespaced_url
 from secure_app.store import get_photos, get_store, new_user
 from secure_app.store.text import FolderPhotos, TextStore, encode_line
 
@@ -64,7 +64,7 @@ def exported(folder: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
 def test_text_to_postgres_to_text_round_trip_is_exact(postgres_server, generated):
     tmp = Path(tempfile.mkdtemp(prefix="transfer-"))
     try:
-        text_app = make_app(tmp / "text")
+        text_app = make_app(tmp / "text", DATABASE_URL=None)  # the text database, on any pass
         photos = fill(text_app, generated)
         first, second = tmp / "first", tmp / "second"
         out = text_app.test_cli_runner().invoke(args=["export-data", str(first)])
@@ -86,6 +86,7 @@ def test_text_to_postgres_to_text_round_trip_is_exact(postgres_server, generated
             assert lines == {key: encode_line(key, store.get(key)) for key in store.keys()}
         assert photo_bytes == photos
     finally:
+        close_apps()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -31,7 +31,16 @@ from test_two_factor import (
     who,
 )
 
-from helpers import OTHER_PASSWORD, PASSWORD, START, AuthActions, Clock, csrf_token, make_app
+from helpers import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    START,
+    AuthActions,
+    Clock,
+    close_apps,
+    csrf_token,
+    make_app,
+)
 from secure_app import mfa
 from secure_app.store import get_store
 
@@ -82,6 +91,7 @@ class TwoFactorMachine(RuleBasedStateMachine):
             os.environ.pop("FLASK_INSTANCE_PATH", None)
         else:
             os.environ["FLASK_INSTANCE_PATH"] = self._env
+        close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers ----------------------------------------------------------------------

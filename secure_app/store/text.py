@@ -56,6 +56,9 @@ A failed save (full disk, read-only folder) raises :class:`StoreError` after
 putting the file back as it was: the caller reports "nothing was changed". A
 save that fits in the reserved space succeeds even on a full disk. The file is
 not meant to be edited by hand: a line without its checksum is skipped.
+
+This backend's photos (:class:`FolderPhotos`) are files in ``PHOTO_DIR``, each
+written to a temporary file, synced and renamed into place.
 """
 
 from __future__ import annotations
