@@ -24,7 +24,7 @@ from . import audit, reauth, recovery, sessions, uploads
 from .auth import login_required, update_own
 from .forms import AccountForm, DeleteAccountForm
 from .security import carries_no_photo, limiter, session_user_key
-from .store import get_photos
+from .store import StoreUncertain, get_photos
 
 bp = Blueprint("account", __name__)
 
@@ -125,8 +125,10 @@ def _save(fields: dict[str, str], image: bytes | None) -> None:
 
     try:
         update_own(change)  # only into this session's account, if it still exists
+    except StoreUncertain:
+        raise  # the record may name the new photo now: keep it (prune-photos takes orphans)
     except BaseException:
-        uploads.remove(get_photos(), new_name)  # no orphan file when the save fails
+        uploads.remove(get_photos(), new_name)  # no orphan photo when the save fails
         raise
     if old:
         uploads.remove(get_photos(), old[0])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -29,6 +31,19 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(import_data)
 
 
+def _store_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """A store that cannot be reached is a one-line error, not a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except StoreError as exc:
+            raise click.ClickException(f"{exc}. Nothing was done; is the database up?") from None
+
+    return run
+
+
 def _read_password() -> tuple[str, str]:
     """Prompt twice with hidden input, or read two lines when stdin is a pipe."""
     if sys.stdin.isatty():
@@ -43,6 +58,7 @@ def _read_password() -> tuple[str, str]:
 @click.command("create-user")
 @click.argument("username")
 @with_appcontext
+@_store_errors
 def create_user(username: str) -> None:
     """Create a user; the password is asked for twice (or read as two lines from stdin)."""
     username = normalize_username(username)
@@ -92,6 +108,7 @@ PRUNE_GRACE = 3600
 )
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @with_appcontext
+@_store_errors
 def prune_photos(grace: int, dry_run: bool) -> None:
     """Remove photos that no record points to, and uploads a crash left half-written."""
     photos = get_photos()
@@ -124,11 +141,12 @@ def prune_photos(grace: int, dry_run: bool) -> None:
 @click.command("export-data")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @with_appcontext
+@_store_errors
 def export_data(folder: Path) -> None:
     """Write every record (the text database's format) and photo into FOLDER, a new folder."""
     try:
         moved = transfer.export_to(folder, get_store(), get_photos())
-    except (transfer.TransferError, StoreError) as exc:
+    except transfer.TransferError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Exported {moved.records} user(s) and {moved.photos} photo(s) to {folder}.")
     _report_missing(moved)
@@ -137,11 +155,12 @@ def export_data(folder: Path) -> None:
 @click.command("import-data")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @with_appcontext
+@_store_errors
 def import_data(folder: Path) -> None:
     """Load a folder made by export-data into the configured backend."""
     try:
-        moved = transfer.import_from(folder, get_store(), get_photos())
-    except (transfer.TransferError, StoreError) as exc:
+        moved = transfer.import_from(folder, get_store(), get_photos(), USERNAME_RE)
+    except transfer.TransferError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Imported {moved.records} user(s) and {moved.photos} photo(s) from {folder}.")
     _report_missing(moved)
@@ -159,6 +178,7 @@ def _report_missing(moved: transfer.Moved) -> None:
 @click.command("reset-two-factor")
 @click.argument("username")
 @with_appcontext
+@_store_errors
 def reset_two_factor(username: str) -> None:
     """Remove every second factor and recovery code of USERNAME, and end all their sessions.
 
@@ -188,6 +208,7 @@ def reset_two_factor(username: str) -> None:
 
 @click.command("rotate-mfa-key")
 @with_appcontext
+@_store_errors
 def rotate_mfa_key() -> None:
     """Make a new key for second-factor secrets current and re-encrypt every secret with it."""
     moved, lost = mfa.rotate_key()

@@ -11,7 +11,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from . import audit
 from .security import login_username_key, retry_after_seconds
-from .store import StoreError
+from .store import StoreError, StoreUncertain
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _csrf_error(error: CSRFError) -> tuple[str | Response, int]:
 
 def _store_error(error: StoreError) -> tuple[str | Response, int]:
     log.error("store failure: %s", error)
-    return _render(503)
+    return _render(503, uncertain=isinstance(error, StoreUncertain))
 
 
 def _server_error(error: InternalServerError) -> tuple[str | Response, int]:

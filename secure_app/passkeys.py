@@ -367,30 +367,14 @@ def _assertion(
 
 
 def _user_for_handle(handle: str) -> str | None:
-    """The username whose user handle this is.
+    """The username whose user handle this is, or None (unknown, or not one account's alone).
 
-    The store is keyed by username, so handles are found by one pass over the
-    records, kept per process; a handle not known (or no longer right) makes a
-    new pass. The login rate limit bounds how often a stranger can cause one.
+    One look-up in the store (an index on PostgreSQL; on the text database,
+    a pass over the lines in memory that decodes only those holding the
+    handle), never one read per account from the request thread.
     """
-    cache = current_app.extensions.setdefault("secure_app.passkeys", {})
-    store = get_store()
-    known = cache.get(handle)
-    if known is not None:
-        record = store.get(known)
-        if record is not None and record.get("webauthn_user") == handle:
-            return known
-    found = None
-    handles: dict[str, str] = {}
-    for name in store.keys():
-        record = store.get(name)
-        key = record.get("webauthn_user") if record else None
-        if isinstance(key, str):
-            handles[key] = name
-            if key == handle:
-                found = name
-    current_app.extensions["secure_app.passkeys"] = handles
-    return found
+    names = get_store().find("webauthn_user", handle)
+    return names[0] if len(names) == 1 else None
 
 
 # -- signing in with a passkey alone ----------------------------------------------------

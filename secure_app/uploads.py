@@ -30,7 +30,7 @@ from typing import IO
 
 from PIL import Image, PngImagePlugin
 
-from .store import Photos, StoreError
+from .store import PHOTO_NAME_RE, Photos, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ MAX_SIDE = 12_000
 PROFILE_SIZE = (512, 512)
 EXTENSION = ".webp"
 MIMETYPE = "image/webp"
-NAME_RE = re.compile(r"[0-9a-f]{32}\.webp\Z")
+NAME_RE = PHOTO_NAME_RE  # names the server makes; the store refuses any other
 
 # What one decode may hold in pixel and coefficient buffers. With Python's
 # and the allocator's own overhead, bench/uploads.py measures at most 104 MiB

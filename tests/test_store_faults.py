@@ -28,6 +28,7 @@ import os
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -35,7 +36,7 @@ import pytest
 
 import secure_app.store.text as store_module
 from helpers import PASSWORD, AuthActions, csrf_token, make_app, namespaced_url, open_store
-from secure_app.store import StoreError, new_user
+from secure_app.store import StoreError, StoreUncertain, new_user
 from secure_app.store.postgres import PostgresStore
 from secure_app.store.text import TextStore
 from servers import Postgres, require_postgres
@@ -340,3 +341,76 @@ def test_pages_answer_503_while_postgres_is_down_and_recover_without_a_restart(
         assert time.monotonic() < deadline, "the site did not recover by itself"
         time.sleep(0.2)
     assert "alice" in client.get("/account-details").get_data(as_text=True)
+
+
+@pytest.mark.slow
+def test_after_a_restart_the_first_request_is_served_not_timed_out_on_dead_connections(
+    own_postgres, tmp_path
+):
+    """Every pooled connection dies with the server; they are dropped at once, not waited on."""
+    store = PostgresStore(namespaced_url(own_postgres.url(), str(tmp_path)), pool_size=4, timeout=5)
+    store.create("alice", new_user("alice", "$argon2id$h"))
+    with ThreadPoolExecutor(4) as pool:  # fill the pool with four open connections
+        list(pool.map(lambda _: store.update("alice", lambda r: time.sleep(0.2)), range(4)))
+    own_postgres.stop()
+    own_postgres.start()
+    started = time.monotonic()
+    assert store.get("alice")["username"] == "alice"  # the first try, no StoreError
+    assert time.monotonic() - started < 2  # psycopg_pool's own check would back off 1+2+4 s
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_connection_lost_while_committing_is_reported_as_uncertain(own_postgres, tmp_path):
+    url = namespaced_url(own_postgres.url(), str(tmp_path))
+    store = PostgresStore(url, timeout=2)
+    store.create("counter", {"n": 0})
+    with pytest.raises(StoreUncertain, match="may be saved"):
+        with store._transaction() as conn:
+            conn.execute("UPDATE users SET record = '{\"n\": 1}' WHERE username = 'counter'")
+            with psycopg.connect(url, autocommit=True) as killer:  # the COMMIT goes out next
+                killer.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+    assert until(lambda: store.get("counter")) == {"n": 0}  # here the server had not committed
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_lock_held_elsewhere_ends_the_request_with_store_error_not_a_hung_thread(
+    own_postgres, tmp_path
+):
+    url = namespaced_url(own_postgres.url(), str(tmp_path))
+    store = PostgresStore(url, timeout=1)
+    store.create("alice", new_user("alice", "$argon2id$h"))
+    with psycopg.connect(url) as holder:  # e.g. a migration's ALTER TABLE, or VACUUM FULL
+        holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            store.update("alice", lambda r: r.update(bio="waits"))
+        assert time.monotonic() - started < 4  # lock_timeout, then the 503 page
+        holder.rollback()
+    assert store.get("alice")["bio"] == ""
+    store.close()
+
+
+@pytest.mark.slow
+def test_commands_answer_in_one_line_while_postgres_is_down(own_postgres, tmp_path):
+    app = make_app(
+        tmp_path,
+        DATABASE_URL=namespaced_url(own_postgres.url(), str(tmp_path)),
+        DATABASE_TIMEOUT=1,
+    )
+    runner = app.test_cli_runner()
+    own_postgres.stop()
+    try:
+        for args in (
+            ["create-user", "alice"],
+            ["prune-photos"],
+            ["reset-two-factor", "alice"],
+            ["export-data", str(tmp_path / "out")],
+        ):
+            result = runner.invoke(args=args, input=f"{PASSWORD}\n{PASSWORD}\n")
+            assert result.exit_code == 1, (args, result.output)
+            assert "Nothing was done; is the database up?" in result.output
+            assert result.exception is None or isinstance(result.exception, SystemExit)
+    finally:
+        own_postgres.start()

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import AuthActions, make_app, namespaced_url
 from images import png
-from secure_app.store import StoreError, new_user
+from secure_app.store import StoreError, StoreUncertain, new_user
 from secure_app.store.postgres import MIGRATIONS, PostgresStore
 
 
@@ -168,3 +168,67 @@ def test_prune_photos_removes_old_rows_no_record_points_to(url, tmp_path):
     assert sorted(store.photos.listing()) == sorted([kept, fresh])
     assert client.get("/public/images/profile/" + kept).status_code == 200
     assert client.get("/public/images/profile/" + orphan).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:Zq%Kp9-live-secret@db.internal/secure_app",  # an unencoded %
+        "postgresql://app:live-secret@[db.internal/secure_app",  # a typo in the host
+    ],
+)
+def test_a_url_libpq_cannot_parse_refuses_to_start_without_quoting_the_password(
+    tmp_path, url, caplog
+):
+    with pytest.raises(ValueError, match="cannot be parsed") as refused:
+        make_app(tmp_path, DATABASE_URL=url)
+    assert "secret" not in str(refused.value) and "secret" not in caplog.text
+
+
+def test_a_remote_database_without_verify_full_is_warned_about(url, caplog):
+    PostgresStore(url).close()  # loopback: nothing to warn about
+    assert "sslmode" not in caplog.text
+    # Another address than this machine's usual names (loopback all the same: nothing
+    # leaves the machine; the port is closed, so it fails at once).
+    remote = "postgresql://app:pw@127.0.0.2:1/secure_app?sslmode=prefer"
+    PostgresStore(remote, timeout=0.2).close()
+    assert "without sslmode=verify-full" in caplog.text and "pw@" not in caplog.text
+
+
+def test_find_is_exact_and_one_users_nul_bio_breaks_no_one_elses_lookup(url):
+    store = PostgresStore(url)
+    store.create("alice", {**new_user("alice", "$h"), "webauthn_user": "h-alice"})
+    store.create(
+        "mallory", {**new_user("mallory", "$h"), "bio": "\x00", "note": '"webauthn_user":"h-alice"'}
+    )
+    store.create("zoe", {**new_user("zoe", "$h"), "bio": "lone \ud800", "webauthn_user": "h-zoe"})
+    assert store.find("webauthn_user", "h-alice") == ["alice"]  # the look-alike text is no match
+    assert store.find("webauthn_user", "h-zoe") == ["zoe"]
+    assert store.find("webauthn_user", "h-nobody") == []
+    store.close()
+
+
+def test_an_uncertain_save_keeps_the_new_photo_and_says_the_outcome_is_unknown(
+    url, tmp_path, monkeypatch
+):
+    """The COMMIT went through but its answer was lost: the record names the new photo."""
+    app = make_app(tmp_path, DATABASE_URL=url)
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    store = app.extensions["secure_app.store"]
+    real_update = store.update
+
+    def committed_then_lost(key, change):
+        real_update(key, change)
+        raise StoreUncertain("the database failed: OperationalError, while committing")
+
+    monkeypatch.setattr(store, "update", committed_then_lost)
+    response = auth.upload_photo(png())
+    page = response.get_data(as_text=True)
+    assert response.status_code == 503
+    assert "cannot tell whether it was saved" in page and "nothing was changed" not in page
+    monkeypatch.undo()
+    name = store.get("alice")["photo"]
+    assert name and client.get(f"/public/images/profile/{name}").status_code == 200

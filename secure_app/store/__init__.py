@@ -18,6 +18,7 @@ change the caller was told is saved survives a crash; a failure raises
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, NamedTuple, Protocol
 
@@ -26,8 +27,29 @@ from flask import Flask, current_app
 Record = dict[str, Any]
 
 
+# The only photo names a backend stores: 128 random bits, as uploads.save makes
+# them. A name from anywhere else (a record, an export folder) is checked
+# against this before it comes near a file path or a row.
+PHOTO_NAME_RE = re.compile(r"[0-9a-f]{32}\.webp\Z")
+
+
+def photo_name(name: object) -> str:
+    """``name`` if the server could have made it; any other name never reaches a path or a row."""
+    if not isinstance(name, str) or not PHOTO_NAME_RE.match(name):
+        raise ValueError(f"not a photo name: {name!r}")
+    return name
+
+
 class StoreError(Exception):
     """A change could not be saved, or the store could not be reached."""
+
+
+class StoreUncertain(StoreError):
+    """The connection failed while the change was being committed: it may or may not be saved.
+
+    Callers must not undo side effects that a saved change would rely on (a
+    photo the record may now name); the page says the outcome is unknown.
+    """
 
 
 class RecordGone(KeyError):
@@ -51,6 +73,7 @@ class Records(Protocol):
     def update(self, key: str, change: Any) -> Record: ...
     def delete(self, key: str, check: Any = None) -> bool: ...
     def keys(self) -> list[str]: ...
+    def find(self, field: str, value: str) -> list[str]: ...
     def __contains__(self, key: str) -> bool: ...
     def __len__(self) -> int: ...
     def compact(self) -> None: ...

@@ -40,9 +40,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from . import Photo, Record, RecordGone, StoreError
+from . import Photo, Record, RecordGone, StoreError, StoreUncertain, photo_name
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,34 @@ _MIGRATION_LOCK = 0x7361
 # Built once: json.dumps with options would build a new encoder on every call.
 _READABLE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ESCAPED = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def check_url(url: str) -> dict[str, str]:
+    """The URL's connection parameters; a URL libpq cannot parse is refused without quoting it.
+
+    libpq's own message quotes the offending part, which is often the password
+    (an unencoded ``%`` or ``@`` in it): never let that reach a log.
+    """
+    try:
+        return conninfo_to_dict(url)
+    except psycopg.Error:
+        raise ValueError(
+            "FLASK_DATABASE_URL cannot be parsed: percent-encode special characters in the "
+            "user name and password (%, @, :, /, ?, #, [, ])"
+        ) from None
+
+
+def _warn_if_plain_text(params: dict[str, str]) -> None:
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    local = all(
+        h.startswith("/") or h in ("localhost", "127.0.0.1", "::1") for h in host.split(",")
+    )
+    if not local and params.get("sslmode") not in ("verify-full", "verify-ca"):
+        log.warning(
+            "FLASK_DATABASE_URL reaches %s without sslmode=verify-full: the connection may be "
+            'unencrypted or its server unverified (SECURITY.md, "The database")',
+            host,
+        )
 
 
 def storable(key: str) -> bool:
@@ -103,6 +132,7 @@ class PostgresStore:
     """
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 5.0) -> None:
+        _warn_if_plain_text(check_url(url))
         self.url = url
         self.pool_size = pool_size
         self.timeout = timeout
@@ -124,6 +154,12 @@ class PostgresStore:
 
     def _configure(self, conn: psycopg.Connection) -> None:
         conn.execute("SET synchronous_commit = on")
+        # A server that answers but is stuck (a lock held by a migration, a
+        # runaway query) ends the request with a 503 instead of holding its thread.
+        wait = round(self.timeout * 1000)
+        conn.execute(f"SET lock_timeout = {wait}")
+        conn.execute(f"SET statement_timeout = {2 * wait}")
+        conn.execute(f"SET idle_in_transaction_session_timeout = {4 * wait}")
 
     def _open(self) -> ConnectionPool:
         with self._lock:
@@ -138,11 +174,18 @@ class PostgresStore:
                     min_size=1,
                     max_size=self.pool_size,
                     timeout=self.timeout,
-                    # A connection the server closed meanwhile (a restart) is
-                    # replaced before it is lent, not failed on.
-                    check=ConnectionPool.check_connection,
                     configure=self._configure,
-                    kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": max(1, round(self.timeout)),
+                        # A peer that vanished (a host or network gone) is noticed
+                        # in seconds, not after the kernel's two hours.
+                        "keepalives": 1,
+                        "keepalives_idle": 10,
+                        "keepalives_interval": 3,
+                        "keepalives_count": 3,
+                        "tcp_user_timeout": round(4 * self.timeout * 1000),
+                    },
                     # Give up a failing reconnection soon: the next request then
                     # starts a fresh attempt at once, instead of the pool waiting
                     # out an exponential back-off after the server is back.
@@ -153,22 +196,50 @@ class PostgresStore:
                 self._pool.open(wait=False)
             return self._pool
 
+    def _live(self, pool: ConnectionPool) -> psycopg.Connection:
+        """A connection that answers, dropping dead ones (a server restart kills them all).
+
+        psycopg_pool's own ``check`` sleeps 1, 2, 4 s between dead connections,
+        so after a restart a request would time out on them while the server is
+        fine again; a dead connection given back is discarded and replaced.
+        """
+        for _ in range(self.pool_size + 1):
+            conn = pool.getconn()
+            try:
+                conn.execute("")
+                return conn
+            except psycopg.OperationalError:
+                pool.putconn(conn)
+        raise psycopg.OperationalError("no live connection")
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
-        """Lend a connection in autocommit mode; turn any database error into StoreError."""
+        """Lend a live connection in autocommit mode; turn any database error into StoreError."""
         try:
-            with self._open().connection() as conn:
+            pool = self._open()
+            conn = self._live(pool)
+            try:
                 if not self._schema_ready:
                     self._migrate(conn)
                 yield conn
+            finally:
+                pool.putconn(conn)
         except psycopg.Error as exc:
             # The class name only: a message may quote the connection's parameters.
             raise StoreError(f"the database failed: {type(exc).__name__}") from exc
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
-        with self._connection() as conn, conn.transaction():
-            yield conn
+        """One transaction; a failure while it commits is StoreUncertain, not StoreError."""
+        committing = False
+        try:
+            with self._connection() as conn, conn.transaction():
+                yield conn
+                committing = True
+        except StoreError as exc:
+            if committing:
+                raise StoreUncertain(f"{exc}, while committing: the change may be saved") from exc
+            raise
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         """Create or upgrade the schema; with it current, only read its version.
@@ -233,6 +304,26 @@ class PostgresStore:
         with self._connection() as conn:
             return [r[0] for r in conn.execute("SELECT username FROM users ORDER BY username")]
 
+    def find(self, field: str, value: str) -> list[str]:
+        """The keys whose record has ``value`` in its top-level ``field``, in one query.
+
+        The server keeps only the rows whose JSON text holds the pair as this
+        module writes it; each is then decoded here to be sure. Not ``->>``:
+        PostgreSQL refuses to decode a ``\\u0000`` that a user may have put in
+        any field, and one such row would break the look-up for everybody.
+        """
+        # '"field":"value"', exactly as stored: readable, or all escaped (_encode).
+        needles = [_READABLE.encode({field: value})[1:-1], _ESCAPED.encode({field: value})[1:-1]]
+        if not storable(needles[0]):  # a lone surrogate: PostgreSQL text cannot carry it
+            needles[0] = needles[1]
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT username, record::text FROM users"
+                " WHERE strpos(record::text, %s) > 0 OR strpos(record::text, %s) > 0",
+                needles,
+            ).fetchall()
+        return [key for key, text in rows if json.loads(text).get(field) == value]
+
     def create(self, key: str, record: Record) -> bool:
         """Store ``record`` under a new ``key``; return False if the key exists."""
         with self._connection() as conn:
@@ -284,7 +375,7 @@ class PostgresStore:
             if check is not None:
                 check(record)
             conn.execute("DELETE FROM users WHERE username = %s", (key,))
-            if record.get("photo"):
+            if isinstance(record.get("photo"), str):
                 conn.execute("DELETE FROM photos WHERE name = %s", (record["photo"],))
             return True
 
@@ -306,6 +397,7 @@ class PostgresPhotos:
         self._store = store
 
     def put(self, name: str, data: bytes) -> None:
+        photo_name(name)
         with self._store._connection() as conn:
             # A name's bytes never change, so a name stored already (an import
             # run again) holds these very bytes.
@@ -315,6 +407,7 @@ class PostgresPhotos:
             )
 
     def get(self, name: str) -> Photo | None:
+        photo_name(name)
         with self._store._connection() as conn:
             row = conn.execute(
                 "SELECT data, extract(epoch FROM created)::float8 FROM photos WHERE name = %s",

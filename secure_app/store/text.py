@@ -72,6 +72,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import struct
 import tempfile
 import threading
@@ -81,7 +82,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from . import Photo, Record, RecordGone, StoreError
+from . import Photo, Record, RecordGone, StoreError, photo_name
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,26 @@ def _decode(raw: bytes, earlier: bool = False) -> tuple[str, Record] | None:
     if not checked and entry.keys() != {"k", "v"}:
         return None
     return key, record
+
+
+def read_records(path: Path) -> dict[str, Record]:
+    """Every record in a data file, read without writing to it or following a symlink.
+
+    For files that are not the live database (an export folder, a backup):
+    opening them as a :class:`TextStore` would heal and convert them in place.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        data = f.read()
+    earlier = _in_earlier_format(data)
+    records: dict[str, Record] = {}
+    for raw in data.split(b"\n"):
+        decoded = _decode(raw, earlier)
+        if decoded is not None:
+            records[decoded[0]] = decoded[1]  # the last line for a key wins
+    return records
 
 
 def _in_earlier_format(data: bytes) -> bool:
@@ -305,6 +326,22 @@ class TextStore:
         with self._held():
             self._refresh()
             return list(self._index)
+
+    def find(self, field: str, value: str) -> list[str]:
+        """The keys whose record has ``value`` in its top-level ``field``."""
+        with self._held():
+            self._refresh()
+            lines = list(self._index.items())
+        # A plain value appears in the line as its own bytes: most lines are
+        # ruled out without decoding them.
+        probe = value.encode() if value.isascii() and value.isprintable() else None
+        if probe is not None and (b'"' in probe or b"\\" in probe):
+            probe = None
+        return [
+            key
+            for key, raw in lines
+            if (probe is None or probe in raw) and json.loads(raw)["v"].get(field) == value
+        ]
 
     @contextmanager
     def _held(self) -> Iterator[None]:
@@ -702,13 +739,19 @@ UPLOAD_TMP_RE = re.compile(r"\.upload-[A-Za-z0-9_]+\.tmp\Z")
 
 
 class FolderPhotos:
-    """Photos as files in one folder, each written whole: the text backend's photo store."""
+    """Photos as files in one folder, each written whole: the text backend's photo store.
+
+    Only names the server makes (``PHOTO_NAME_RE``) are read or written, so a
+    name from a record or an export folder can never reach outside the folder,
+    and a symlink in the folder is never followed.
+    """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
 
     def put(self, name: str, data: bytes) -> None:
         """Write ``data`` as ``name``; a reader never sees half a file, a failure leaves none."""
+        photo_name(name)
         tmp: str | None = None
         placed = False
         try:
@@ -733,14 +776,23 @@ class FolderPhotos:
 
     def get(self, name: str) -> Photo | None:
         try:
-            with open(self.folder / name, "rb") as f:
-                return Photo(f.read(), os.fstat(f.fileno()).st_mtime)
+            fd = os.open(self.folder / photo_name(name), os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: not a photo this server stored
+                return None
             raise StoreError(f"cannot read the photo: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return Photo(f.read(), st.st_mtime)
 
     def remove(self, name: str) -> None:
+        """Delete a photo, or an upload a crash left half-written; any other name is refused."""
+        if not (isinstance(name, str) and UPLOAD_TMP_RE.match(name)):
+            photo_name(name)
         (self.folder / name).unlink(missing_ok=True)
 
     def listing(self) -> dict[str, float]:
