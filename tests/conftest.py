@@ -44,6 +44,9 @@ def postgres_server():
     in CI, where a missing server is a failure, not a reason to pass.
     """
     require_postgres()
+    if os.environ.get("SECURE_APP_TEST_POSTGRES"):  # one started by scripts/mutation.py
+        yield Postgres.attached(os.environ["SECURE_APP_TEST_POSTGRES"])
+        return
     with Postgres() as server:
         yield server
 

@@ -196,6 +196,19 @@ class Postgres:
         self.tmp: Path | None = None
         self.bin = postgres_bin()
         self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.owned = True
+
+    @classmethod
+    def attached(cls, address: str) -> Postgres:
+        """A server someone else started and will stop: ``address`` is ``"<port>:<folder>"``,
+        as ``str(server)`` gives it (the mutation runs share one server across many pytest runs)."""
+        server = cls()
+        port, folder = address.split(":", 1)
+        server.port, server.tmp, server.owned = int(port), Path(folder), False
+        return server
+
+    def __str__(self) -> str:
+        return f"{self.port}:{self.tmp}"
 
     def _run(self, *args: str) -> None:
         subprocess.run([*self.run_as, *args], check=True, capture_output=True, timeout=120)
@@ -259,7 +272,7 @@ class Postgres:
         return f"postgresql://secure_app:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
 
     def __exit__(self, *exc: object) -> None:
-        if self.tmp is None:
+        if self.tmp is None or not self.owned:
             return
         try:
             self.stop("immediate")
