@@ -22,6 +22,22 @@ from secure_app.store import Records
 
 PASSWORD = "correct horse battery staple glacier"
 OTHER_PASSWORD = "violet umbrella marches quietly north"
+# Text that has broken stores before: line breaks, quotes, JSON and SQL look-alikes, every
+# script, separators, control characters, lone surrogates, and length.
+NASTY_TEXT = [
+    "plain",
+    "",
+    "line one\nline two\r\nline three\rend",
+    'quote " backslash \\ brace } bracket ]',
+    '"}\n{"k":"mallory","v":{"username":"mallory","password_hash":"x"}}\n',
+    "'); DROP TABLE users; --",
+    "Zoë Ñúñez, 李小龙, Ωμέγα, עברית, العربية",
+    "emoji 🧑‍💻🏳️‍🌈 and astral 𝕏",
+    "separators \u2028 \u2029 \u0085 \x0b \x0c \x1c",
+    "nul \x00 and bell \x07 and del \x7f",
+    "lone surrogate \ud800 and \udfff",
+    "x" * 5000,
+]
 CSRF_RE = re.compile(
     r'name="csrf_token" type="hidden" value="([^"]+)"|name="csrf_token" value="([^"]+)"'
 )

@@ -12,23 +12,9 @@ from pathlib import Path
 import pytest
 
 import secure_app.store.text as store_module
-from helpers import file_size_limit, record_lines
+from helpers import NASTY_TEXT, file_size_limit, record_lines
 from secure_app.store import StoreError, new_user
 from secure_app.store.text import COMPACT_MIN_DEAD, RESERVE, TextStore, encode_line
-
-NASTY_TEXT = [
-    "plain",
-    "",
-    "line one\nline two\r\nline three\rend",
-    'quote " backslash \\ brace } bracket ]',
-    '"}\n{"k":"mallory","v":{"username":"mallory","password_hash":"x"}}\n',
-    "Zoë Ñúñez, 李小龙, Ωμέγα, עברית, العربية",
-    "emoji 🧑‍💻🏳️‍🌈 and astral 𝕏",
-    "separators \u2028 \u2029 \u0085 \x0b \x0c \x1c",
-    "nul \x00 and bell \x07 and del \x7f",
-    "lone surrogate \ud800 and \udfff",
-    "x" * 5000,
-]
 
 
 @pytest.fixture

@@ -14,24 +14,9 @@ import threading
 
 import pytest
 
-from helpers import database_rows, namespaced_url, open_store
+from helpers import NASTY_TEXT, database_rows, namespaced_url, open_store
 from secure_app.store import RecordGone, new_user
 from secure_app.store.postgres import storable
-
-NASTY_TEXT = [
-    "plain",
-    "",
-    "line one\nline two\r\nline three\rend",
-    'quote " backslash \\ brace } bracket ]',
-    '"}\n{"k":"mallory","v":{"username":"mallory","password_hash":"x"}}\n',
-    "'); DROP TABLE users; --",
-    "Zoë Ñúñez, 李小龙, Ωμέγα, עברית, العربية",
-    "emoji 🧑‍💻🏳️‍🌈 and astral 𝕏",
-    "separators \u2028 \u2029 \u0085 \x0b \x0c \x1c",
-    "nul \x00 and bell \x07 and del \x7f",
-    "lone surrogate \ud800 and \udfff",
-    "x" * 5000,
-]
 
 
 def user(name: str, **fields: object) -> dict:

@@ -23,6 +23,17 @@ def url(postgres_server, tmp_path) -> str:
     return namespaced_url(postgres_server.url(), str(tmp_path))
 
 
+@pytest.fixture
+def site(url, tmp_path):
+    """An app on PostgreSQL with alice registered and logged in: (app, client, auth)."""
+    app = make_app(tmp_path, DATABASE_URL=url)
+    client = app.test_client()
+    auth = AuthActions(client)
+    assert auth.register().status_code == 302
+    assert auth.login().status_code == 302
+    return app, client, auth
+
+
 def tables(url: str) -> list[tuple]:
     with psycopg.connect(url, autocommit=True) as conn:
         names = conn.execute(
@@ -129,24 +140,16 @@ def test_deleting_a_user_deletes_their_photo_in_the_same_transaction(url):
     store.close()
 
 
-def test_on_postgres_nothing_is_written_to_the_data_or_photo_folders(url, tmp_path):
-    app = make_app(tmp_path, DATABASE_URL=url)
-    client = app.test_client()
-    auth = AuthActions(client)
-    assert auth.register().status_code == 302
-    assert auth.login().status_code == 302
+def test_on_postgres_nothing_is_written_to_the_data_or_photo_folders(site):
+    app, _, auth = site
     assert auth.upload_photo(png()).status_code == 303
     for key in ("DATA_DIR", "PHOTO_DIR"):
         folder = Path(app.config[key])
         assert not folder.exists() or not any(folder.rglob("*")), key
 
 
-def test_prune_photos_removes_old_rows_no_record_points_to(url, tmp_path):
-    app = make_app(tmp_path, DATABASE_URL=url)
-    client = app.test_client()
-    auth = AuthActions(client)
-    assert auth.register().status_code == 302
-    assert auth.login().status_code == 302
+def test_prune_photos_removes_old_rows_no_record_points_to(site, url):
+    app, client, auth = site
     assert auth.upload_photo(png()).status_code == 303
     store = app.extensions["secure_app.store"]
     kept = store.get("alice")["photo"]
@@ -208,15 +211,9 @@ def test_find_is_exact_and_one_users_nul_bio_breaks_no_one_elses_lookup(url):
     store.close()
 
 
-def test_an_uncertain_save_keeps_the_new_photo_and_says_the_outcome_is_unknown(
-    url, tmp_path, monkeypatch
-):
+def test_an_uncertain_save_keeps_the_new_photo_and_says_the_outcome_is_unknown(site, monkeypatch):
     """The COMMIT went through but its answer was lost: the record names the new photo."""
-    app = make_app(tmp_path, DATABASE_URL=url)
-    client = app.test_client()
-    auth = AuthActions(client)
-    assert auth.register().status_code == 302
-    assert auth.login().status_code == 302
+    app, client, auth = site
     store = app.extensions["secure_app.store"]
     real_update = store.update
 

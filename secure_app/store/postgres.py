@@ -127,8 +127,9 @@ class PostgresStore:
     """Records in the ``users`` table, photos (``self.photos``) in ``photos``.
 
     One per process, safe to share between threads: it holds a pool of up to
-    ``pool_size`` connections, opened on first use (gunicorn creates the app
-    after forking, so each worker has its own).
+    ``pool_size`` connections, opened when it is made, to create or check the
+    schema (gunicorn creates the app after forking, so each worker has its
+    own; a store used across a fork opens a new pool in the child).
     """
 
     def __init__(self, url: str, pool_size: int = 10, timeout: float = 5.0) -> None:
