@@ -99,6 +99,8 @@ def details() -> str:
         form=form,
         user=RECORD,
         session_count=len(RECORD["sessions"]),
+        # What secure_app shows after the bench saved this address: a link sent, not yet used.
+        email={"address": RECORD["email"], "verified": False, "pending": bool(RECORD["email"])},
         delete_form=PlainDeleteForm(),
     )
 
@@ -144,6 +146,8 @@ def create_bare_app() -> Flask:
     app.before_request(lambda: setattr(g, "user", None))
     for bp in (pages, auth, account):
         app.register_blueprint(bp)
+    # The layout links to the security page (stage 2): a stub under secure_app's endpoint name.
+    app.add_url_rule("/security", "two_factor.security", _stub)
     return app
 
 

@@ -435,6 +435,10 @@ def main() -> int:
     )
     bad = sum(r.bad for c in every for r in c.runs)
     if bad:
+        for label, *pair, _ in contenders:
+            for c in pair:
+                if sum(r.bad for r in c.runs):
+                    print(f"  {label}, {c.label}: {sum(r.bad for r in c.runs)} bad responses")
         print(f"FAILED: {bad} responses were errors or not 2xx/3xx")
         return 1
     return 0
