@@ -389,7 +389,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert response.headers["Location"] == "/account-details"
             self.start_session(name, user)
 
-    @rule(name=browsers, data=st.data(), next_step=st.sampled_from([True, False]))
+    @rule(name=browsers, data=st.data(), next_step=st.sampled_from([False, True]))
     def second_step(self, name: str, data: st.DataObject, next_step: bool) -> None:
         if next_step:
             self.next_step()
@@ -441,7 +441,10 @@ class LifecycleMachine(RuleBasedStateMachine):
                 self.log_in(name, user, right=True, then_code=False)
                 u = self.users[user]
                 if self.browsers[name].pending and u.secret:
-                    # This step's code is spent: a recovery code, or wait for the next step.
+                    # This step's code is spent: it must be refused again; then a recovery
+                    # code, or wait for the next step.
+                    if self.clock.step <= u.last_step:
+                        self.send_code(name, mfa.code_at(u.secret, u.last_step))
                     if self.clock.step <= u.last_step and u.codes:
                         self.send_code(name, min(u.codes))
                         continue
@@ -729,7 +732,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         name=browsers,
         data=st.data(),
         how=st.sampled_from(["password", "code", "wrong password"]),
-        next_step=st.sampled_from([True, False]),
+        next_step=st.sampled_from([False, True]),
     )
     def reauthenticate(self, name: str, data: st.DataObject, how: str, next_step: bool) -> None:
         if next_step:
