@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
 import resource
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,3 +282,37 @@ class Clock:
     @property
     def step(self) -> int:
         return mfa.step_at(self.now)
+
+
+@contextlib.contextmanager
+def fake_time(clock: Clock) -> Iterator[Clock]:
+    """Make ``clock`` the whole process's ``time.time`` until exit (the ``clock`` fixture's job).
+
+    For Hypothesis state machines, which cannot take pytest fixtures: enter it
+    into an ``ExitStack`` that the machine's ``teardown`` closes.
+    """
+    real = time.time
+    time.time = clock
+    try:
+        yield clock
+    finally:
+        time.time = real
+
+
+@contextlib.contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """Set environment variables (None: unset them) until exit, then put back what was there."""
+    before = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -8,9 +8,9 @@ the model: the password that works, the verified and the typed address.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from hypothesis import event, settings
@@ -19,7 +19,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from test_fuzz_forms import CHEAP_ARGON2
 from test_recovery import NEW_PASSWORD, body, change_email, confirm, link_of, outbox, path_of
 
-from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, Clock, close_apps, csrf_token, make_app
+from helpers import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    AuthActions,
+    Clock,
+    close_apps,
+    csrf_token,
+    fake_time,
+    make_app,
+)
 from secure_app import mail, passwords
 from secure_app.store import get_store
 
@@ -34,9 +43,9 @@ class RecoveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="recovery-machine-"))
-        self.clock = Clock()
-        self._real_time = time.time
-        time.time = self.clock  # the whole app, the mail thread included, reads this clock
+        self.undo = contextlib.ExitStack()
+        # The whole app, the mail thread included, reads this clock.
+        self.clock = self.undo.enter_context(fake_time(Clock()))
         self.app = make_app(
             self.tmp,
             PASSWORD_RESET_TIMEOUT=RESET_TIMEOUT,
@@ -65,7 +74,7 @@ class RecoveryMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         mail.flush(10, self.app)  # nothing left writing into the folder removed below
-        time.time = self._real_time
+        self.undo.close()
         close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -9,11 +9,10 @@ stored factor, last step and recovery codes are what the model expects.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from helpers import (
     Clock,
     close_apps,
     csrf_token,
+    environ,
+    fake_time,
     make_app,
 )
 from secure_app import mfa
@@ -72,11 +73,9 @@ class TwoFactorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="two-factor-machine-"))
-        self.clock = Clock(START)
-        self._real_time = time.time
-        time.time = self.clock
-        self._env = os.environ.get("FLASK_INSTANCE_PATH")
-        os.environ["FLASK_INSTANCE_PATH"] = str(self.tmp / "instance")
+        self.undo = contextlib.ExitStack()
+        self.clock = self.undo.enter_context(fake_time(Clock(START)))
+        self.undo.enter_context(environ(FLASK_INSTANCE_PATH=str(self.tmp / "instance")))
         # Sessions that never time out: the model is about factors, not idle timeouts.
         self.app = make_app(
             self.tmp, **CHEAP_ARGON2, SESSION_IDLE_TIMEOUT=10**7, PERMANENT_SESSION_LIFETIME=10**7
@@ -86,11 +85,7 @@ class TwoFactorMachine(RuleBasedStateMachine):
         self.model = Model(browsers={name: Browser() for name in self.clients})
 
     def teardown(self) -> None:
-        time.time = self._real_time
-        if self._env is None:
-            os.environ.pop("FLASK_INSTANCE_PATH", None)
-        else:
-            os.environ["FLASK_INSTANCE_PATH"] = self._env
+        self.undo.close()
         close_apps()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -162,6 +157,9 @@ class TwoFactorMachine(RuleBasedStateMachine):
             return  # a failed login changes nothing, in the browser or on the server
         if self.model.secret:
             assert response.headers["Location"] == "/login/two-factor"
+            for other in self.model.browsers.values():
+                if other.state == "pending":  # the record names one pending login: this one
+                    other.state = "anonymous"
             b.state, b.since = "pending", self.clock.now
         else:
             assert response.headers["Location"] == "/account-details"
