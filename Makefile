@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test lint format bench soak observatory clean
+.PHONY: run test lint format bench soak observatory mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +45,9 @@ soak: $(VENV)/.installed-test
 observatory: $(VENV)/.installed-test
 	bench/observatory.sh
 
+# Mutation score per security module (scripts/mutation.py); MODULES="auth forms" narrows it.
+mutation: $(VENV)/.installed-test
+	$(BIN)/python scripts/mutation.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf mutants $(VENV) .pytest_cache .hypothesis .ruff_cache
