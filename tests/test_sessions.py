@@ -195,6 +195,93 @@ def test_change_password_needs_login(client):
     assert response.headers["Location"] == "/login?next=/change-password"
 
 
+# -- how many sessions a user may hold ---------------------------------------------------------
+
+
+def test_login_past_the_cap_ends_the_oldest_login_even_if_it_was_used_last(tmp_path, clock):
+    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=3)
+    AuthActions(app.test_client()).register()
+    clients = []
+    for _ in range(3):
+        clients.append(_login(app))
+        clock.advance(10)
+    assert _is_logged_in(clients[0])  # the oldest login was the last one used
+    clients.append(_login(app))
+    assert [_is_logged_in(c) for c in clients] == [False, True, True, True]
+    assert sessions.count(_record(app)) == 3
+
+
+def test_the_default_cap_is_20_sessions_per_user(app, clock):
+    assert app.config["MAX_SESSIONS_PER_USER"] == sessions.MAX_SESSIONS_PER_USER == 20
+    AuthActions(app.test_client()).register()
+    first = _login(app)
+    for _ in range(19):
+        clock.advance(1)
+        _login(app)
+    assert sessions.count(_record(app)) == 20
+    assert _is_logged_in(first)
+    clock.advance(1)
+    _login(app)
+    assert sessions.count(_record(app)) == 20
+    assert not _is_logged_in(first)
+
+
+def test_a_cap_below_one_still_lets_the_latest_login_in(tmp_path, clock):
+    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=0)
+    AuthActions(app.test_client()).register()
+    first = _login(app)
+    clock.advance(1)
+    second = _login(app)
+    assert (_is_logged_in(first), _is_logged_in(second)) == (False, True)
+
+
+def test_outside_a_request_the_cap_is_the_module_default():
+    record: dict = {}
+    sids = [sessions.start(record, 1000 + i, 3600) for i in range(21)]
+    assert sessions.count(record) == sessions.MAX_SESSIONS_PER_USER
+    assert sessions.check({"sid": sids[0], "seen": 1020}, record, 1020, 60, 3600) == "ended"
+    assert sessions.check({"sid": sids[1], "seen": 1020}, record, 1020, 60, 3600) == "live"
+
+
+def test_a_login_prunes_sessions_past_the_lifetime_and_keeps_those_at_it():
+    record: dict = {}
+    at_limit = sessions.start(record, 1000, 3600, cap=5)
+    too_old = sessions.start(record, 999, 3600, cap=5)
+    sessions.start(record, 4600, 3600, cap=5)  # 3600 s after the first, 3601 after the second
+    assert sessions.count(record) == 2
+    assert sessions.check({"sid": at_limit, "seen": 4600}, record, 4600, 60, 3600) == "live"
+    assert sessions.check({"sid": too_old, "seen": 4600}, record, 4600, 60, 3600) == "ended"
+
+
+def test_a_new_session_entry_records_login_time_device_and_address():
+    record: dict = {}
+    sessions.start(record, 1000, 3600, device="Firefox 128 on Linux", ip="203.0.113.7")
+    sessions.start(record, 1001, 3600, device="x" * 100)
+    first, second = record["sessions"].values()
+    assert first == {"t": 1000, "s": 1000, "ua": "Firefox 128 on Linux", "ip": "203.0.113.7"}
+    assert second == {"t": 1001, "s": 1001, "ua": "x" * sessions.MAX_DEVICE, "ip": None}
+    sessions.start(record, 1002, 3600)
+    assert list(record["sessions"].values())[2]["ua"] == sessions.UNKNOWN_DEVICE
+
+
+def test_the_record_keeps_a_digest_of_the_session_id_never_the_id():
+    record: dict = {}
+    sid = sessions.start(record, 1000, 3600)
+    assert list(record["sessions"]) == [hashlib.sha256(sid.encode()).hexdigest()]
+    assert sid not in json.dumps(record)
+    assert len(sid) >= 43  # 32 random bytes, base64
+
+
+def test_a_login_in_a_request_records_the_browser_and_the_address(app):
+    AuthActions(app.test_client()).register()
+    browser = app.test_client()
+    agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+    browser.environ_base.update(HTTP_USER_AGENT=agent, REMOTE_ADDR="203.0.113.9")
+    assert AuthActions(browser).login().status_code == 302
+    (entry,) = _record(app)["sessions"].values()
+    assert (entry["ua"], entry["ip"]) == ("Firefox 128 on Linux", "203.0.113.9")
+
+
 # -- deletion ------------------------------------------------------------------------------
 
 
