@@ -39,7 +39,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "uploads": ("secure_app/uploads.py", ["tests/test_uploads.py"]),
     "forms": (
         "secure_app/forms.py",
-        ["tests/test_fuzz_forms.py", "tests/test_auth.py"],
+        ["tests/test_forms.py", "tests/test_fuzz_forms.py", "tests/test_auth.py"],
     ),
     "auth": ("secure_app/auth.py", ["tests/test_auth.py"]),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
