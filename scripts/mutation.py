@@ -1,6 +1,7 @@
 """Mutation score of each security module against the tests that mirror it (``make mutation``).
 
-Usage: ``python scripts/mutation.py [MODULE ...] [--jobs N]`` (default: every module in MODULES).
+Usage: ``python scripts/mutation.py [MODULE ...] [--jobs N] [--report]`` (default: every module
+in MODULES; ``--report`` prints the table of the last run again, with the current equivalents).
 
 For each module this builds ``mutants/<module>/``: links to the code, tests, templates and
 static files plus a ``pyproject.toml`` whose ``[tool.mutmut]`` mutates that one module and runs
@@ -102,10 +103,8 @@ def prepare(module: str) -> Path:
     return work
 
 
-def run_module(module: str, jobs: int) -> tuple[dict[str, str], float]:
-    """Run mutmut for one module; return mutant name -> status and the wall time."""
-    from mutmut.stats import status_by_exit_code
-
+def run_module(module: str, jobs: int) -> float:
+    """Run mutmut for one module from scratch; return the wall time."""
     work = prepare(module)
     started = time.monotonic()
     log = work / "mutmut.log"
@@ -116,12 +115,20 @@ def run_module(module: str, jobs: int) -> tuple[dict[str, str], float]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    elapsed = time.monotonic() - started
-    meta = work / "mutants" / (MODULES[module][0] + ".meta")
-    if done.returncode != 0 or not meta.exists():
+    if done.returncode != 0:
         sys.exit(f"mutmut failed for {module} (exit {done.returncode}); see {log}")
+    return time.monotonic() - started
+
+
+def results(module: str) -> dict[str, str]:
+    """Mutant name -> status, from the module's last run."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = WORK / module / "mutants" / (MODULES[module][0] + ".meta")
+    if not meta.exists():
+        sys.exit(f"no results for {module}: run it first")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return {name: status_by_exit_code[code] for name, code in codes.items()}, elapsed
+    return {name: status_by_exit_code[code] for name, code in codes.items()}
 
 
 def natural(item: tuple[str, str]) -> tuple[str, int]:
@@ -152,6 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)}")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "2")))
+    parser.add_argument(
+        "--report", action="store_true", help="only print the table of the last run's results"
+    )
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = set(modules) - set(MODULES)
@@ -163,21 +173,23 @@ def main() -> None:
     rows, survivors, stale = [], [], []
     started = time.monotonic()
     for module in modules:
-        statuses, elapsed = run_module(module, args.jobs)
-        rows.append(row(module, statuses, equivalents) + [f"{elapsed:.0f}s"])
+        elapsed = "-" if args.report else f"{run_module(module, args.jobs):.0f}s"
+        statuses = results(module)
+        rows.append(row(module, statuses, equivalents) + [elapsed])
         for name, status in sorted(statuses.items(), key=natural):
             if status in ("killed", "timeout"):
                 if name in equivalents:
                     stale.append(name)
             elif name not in equivalents or status != "survived":
                 survivors.append(f"{name}: {status}")
-        print(f"{module}: {rows[-1][-2]} in {elapsed:.0f}s", file=sys.stderr, flush=True)
+        print(f"{module}: {rows[-1][-2]} in {elapsed}", file=sys.stderr, flush=True)
 
     print("| " + " | ".join(header + ["time"]) + " |")
     print("|" + "---|" * (len(header) + 1))
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
-    print(f"\nTotal wall time {time.monotonic() - started:.0f}s with {args.jobs} jobs.")
+    if not args.report:
+        print(f"\nTotal wall time {time.monotonic() - started:.0f}s with {args.jobs} jobs.")
     print("survived = survived + no tests + suspicious; timeouts count as detected.")
     if survivors:
         print("\nNot detected (see `cd mutants/<module> && mutmut show NAME`):")
