@@ -36,13 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # module -> (file to mutate, tests that mirror it). Plain data: edit it to point elsewhere.
 MODULES: dict[str, tuple[str, list[str]]] = {
     "passwords": ("secure_app/passwords.py", ["tests/test_passwords.py"]),
-    "sessions": ("secure_app/sessions.py", ["tests/test_sessions.py"]),
+    # The security page's tests are the ones that list and end sessions (sessions.listing...).
+    "sessions": (
+        "secure_app/sessions.py",
+        ["tests/test_sessions.py", "tests/test_security_page.py"],
+    ),
     "uploads": ("secure_app/uploads.py", ["tests/test_uploads.py"]),
     "forms": (
         "secure_app/forms.py",
         ["tests/test_forms.py", "tests/test_fuzz_forms.py", "tests/test_auth.py"],
     ),
-    "auth": ("secure_app/auth.py", ["tests/test_auth.py"]),
+    # Change password, delete account and the timeouts are tested with the sessions they end.
+    "auth": ("secure_app/auth.py", ["tests/test_auth.py", "tests/test_sessions.py"]),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
     "mfa": ("secure_app/mfa.py", ["tests/test_mfa.py"]),
     "two_factor": ("secure_app/two_factor.py", ["tests/test_two_factor.py"]),
