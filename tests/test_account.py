@@ -11,9 +11,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
+from test_uploads import PLACES
 
 import images
-from helpers import csrf_token, file_size_limit, record_lines
+from helpers import AuthActions, csrf_token, file_size_limit, record_lines
 from secure_app import uploads
 from secure_app.store import Store
 
@@ -394,3 +395,36 @@ def test_photo_route_serves_only_server_made_names(app, logged_in, name):
     (Path(app.config["PHOTO_DIR"])).mkdir(parents=True, exist_ok=True)
     (Path(app.config["PHOTO_DIR"]) / "x.html").write_text("<script>alert(1)</script>")
     assert logged_in.get(f"/public/images/profile/{name}").status_code == 404
+
+
+# -- what the page says ------------------------------------------------------------------------
+
+
+def test_the_page_counts_this_users_live_sessions(app, logged_in):
+    assert "You have 1 active session." in logged_in.get("/account-details").get_data(as_text=True)
+    AuthActions(app.test_client()).login()
+    page = logged_in.get("/account-details").get_data(as_text=True)
+    assert "You have 2 active sessions." in page
+
+
+def test_a_busy_upload_asks_to_retry_in_two_seconds_and_stores_nothing(app, logged_in):
+    before = data_file(app).read_bytes()
+    for _ in range(PLACES):  # every decode place held, as by uploads still decoding
+        assert uploads._admitted.acquire(timeout=10)
+    try:
+        response = upload(logged_in, images.png())
+    finally:
+        for _ in range(PLACES):
+            uploads._admitted.release()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "2"
+    assert data_file(app).read_bytes() == before and photos(app) == []
+
+
+def test_a_refused_photo_refuses_the_whole_save_with_422(app, logged_in):
+    response = post_details(
+        logged_in, photo=(b"not an image", "me.png", "image/png"), full_name="Changed"
+    )
+    assert response.status_code == 422
+    assert record(app).get("full_name", "") != "Changed"
+    assert logged_in.get("/account-details").status_code == 200
