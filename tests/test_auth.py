@@ -420,3 +420,15 @@ def test_a_hash_upgrade_at_a_two_factor_login_is_stored_and_the_login_still_fini
     assert new_hash != old_hash and ",t=2," in new_hash
     second_step(client, mfa.code_at(secret, clock.step))
     assert who(client) == "alice"
+
+
+def test_an_expired_session_still_gets_files_without_a_redirect(tmp_path, clock):
+    app = make_app(tmp_path, SESSION_IDLE_TIMEOUT=60)
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    clock.advance(61)
+    assert client.get("/public/css/site.css").status_code == 200  # a file: no redirect
+    response = client.get("/second")
+    assert response.status_code == 200  # a public page: no redirect, anonymous
+    assert "Logged in as" not in response.get_data(as_text=True)
