@@ -62,6 +62,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
 }
 
+# Modules whose functions also run at import (forms.py builds its fields by calling them). mutmut
+# forks each mutant's run from a process that has imported the code already, so a mutant of such
+# a function would never be active; for these, each run imports the code afresh (slower).
+FRESH_IMPORT = {"forms"}
+
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
 WORK = ROOT / "mutants"
 # What the tests need beside the code (the app finds templates and public/ next to the package).
@@ -81,8 +86,10 @@ def load_equivalents() -> dict[str, str]:
     return found
 
 
-def mutmut_config(path: str, tests: list[str]) -> str:
+def mutmut_config(module: str) -> str:
+    path, tests = MODULES[module]
     quoted = ", ".join(json.dumps(t) for t in tests)
+    fresh = 'process_isolation = "forkserver"\nforkserver_warmup = "none"\n'
     return f"""
 [tool.mutmut]
 source_paths = ["secure_app"]
@@ -91,12 +98,11 @@ also_copy = ["templates", "public"]
 pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "not slow and not browser"]
 pytest_add_cli_args_test_selection = [{quoted}]
 use_git_change_detection = false
-"""
+{fresh if module in FRESH_IMPORT else ""}"""
 
 
 def prepare(module: str) -> Path:
     """A fresh working folder for one module's run."""
-    path, tests = MODULES[module]
     work = WORK / module
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -104,7 +110,7 @@ def prepare(module: str) -> Path:
         (work / name).symlink_to(ROOT / name)
     # The project's pytest settings (markers, filterwarnings) plus this module's mutmut table.
     pyproject = (ROOT / "pyproject.toml").read_text()
-    (work / "pyproject.toml").write_text(pyproject + mutmut_config(path, tests))
+    (work / "pyproject.toml").write_text(pyproject + mutmut_config(module))
     return work
 
 
