@@ -148,3 +148,17 @@ def test_a_missing_bio_is_no_text_problem(app):
         form = forms.AccountForm(formdata=None, data={"bio": None}, meta={"csrf": False})
         form.validate()
         assert form.errors == {}
+
+
+def test_each_password_field_is_labelled_with_what_it_asks_for(app):
+    """The label is what a screen reader announces: the two new-password fields must differ."""
+    with app.test_request_context():
+        change = forms.ChangePasswordForm(meta={"csrf": False})
+        reset = forms.ResetForm(meta={"csrf": False})
+    labels = [
+        change.current_password.label.text,
+        change.new_password.label.text,
+        change.confirm.label.text,
+    ]
+    assert labels == ["Current password", "New password", "Repeat the new password"]
+    assert [reset.password.label.text, reset.confirm.label.text] == labels[1:]
