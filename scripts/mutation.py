@@ -46,8 +46,12 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "secure_app/forms.py",
         ["tests/test_forms.py", "tests/test_fuzz_forms.py", "tests/test_auth.py"],
     ),
-    # Change password, delete account and the timeouts are tested with the sessions they end.
-    "auth": ("secure_app/auth.py", ["tests/test_auth.py", "tests/test_sessions.py"]),
+    # Change password, delete account and the timeouts are tested with the sessions they end;
+    # which attempts count against the login limits, in the rate limit tests.
+    "auth": (
+        "secure_app/auth.py",
+        ["tests/test_auth.py", "tests/test_sessions.py", "tests/test_rate_limits.py"],
+    ),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
     "mfa": ("secure_app/mfa.py", ["tests/test_mfa.py"]),
     "two_factor": ("secure_app/two_factor.py", ["tests/test_two_factor.py"]),
