@@ -47,10 +47,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         ["tests/test_forms.py", "tests/test_fuzz_forms.py", "tests/test_auth.py"],
     ),
     # Change password, delete account and the timeouts are tested with the sessions they end;
-    # which attempts count against the login limits, in the rate limit tests.
+    # which attempts count against the login limits, in the rate limit tests; what the
+    # handlers write to the audit trail, in the audit tests.
     "auth": (
         "secure_app/auth.py",
-        ["tests/test_auth.py", "tests/test_sessions.py", "tests/test_rate_limits.py"],
+        [
+            "tests/test_auth.py",
+            "tests/test_sessions.py",
+            "tests/test_rate_limits.py",
+            "tests/test_audit.py",
+        ],
     ),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
     "mfa": ("secure_app/mfa.py", ["tests/test_mfa.py"]),
