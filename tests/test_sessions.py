@@ -272,8 +272,10 @@ def test_ending_a_session_that_is_already_gone_is_not_an_error():
     sessions.end(record, sid)
     sessions.end(record, sid)
     assert sessions.count(record) == 0
-    empty: dict = {}
+    empty: dict = {}  # a record with no session at all: every helper leaves it alone
     sessions.end(empty, sid)
+    sessions.touch(empty, sid, 1000, None)
+    assert sessions.end_public(empty, sessions.public_id_of(sid), "other") is None
     assert sessions.end_others(empty, sid) == 0
 
 
