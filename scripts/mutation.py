@@ -99,7 +99,11 @@ def load_equivalents() -> dict[str, str]:
 def mutmut_config(module: str) -> str:
     path, tests = MODULES[module]
     quoted = ", ".join(json.dumps(t) for t in tests)
-    fresh = 'process_isolation = "forkserver"\nforkserver_warmup = "none"\n'
+    # A fresh import costs seconds that the tests' measured time does not include: mutmut's
+    # wall-clock limit, (test time + timeout_constant) x 15, must not mistake it for a hang.
+    fresh = (
+        'process_isolation = "forkserver"\nforkserver_warmup = "none"\ntimeout_constant = 20.0\n'
+    )
     return f"""
 [tool.mutmut]
 source_paths = ["secure_app"]
