@@ -428,3 +428,14 @@ def test_a_refused_photo_refuses_the_whole_save_with_422(app, logged_in):
     assert response.status_code == 422
     assert record(app).get("full_name", "") != "Changed"
     assert logged_in.get("/account-details").status_code == 200
+
+
+def test_an_empty_file_part_as_browsers_send_it_saves_the_details_and_keeps_the_photo(
+    app, logged_in
+):
+    upload(logged_in, images.png())
+    old = record(app)["photo"]
+    response = post_details(logged_in, photo=(b"", "", "application/octet-stream"), bio="New.")
+    assert response.status_code == 303
+    assert record(app)["bio"] == "New." and record(app)["photo"] == old
+    assert photos(app) == [old]

@@ -119,3 +119,17 @@ def test_each_address_change_says_what_happens_to_recovery(app, client):
     page = flashed(save(client, "", full_name="Alice L."))
     assert "Your details have been saved." in page
     assert not any(outcome in page for outcome in EMAIL_OUTCOMES.values())
+
+
+def test_a_save_that_keeps_the_address_needs_no_fresh_authentication(app, client, clock):
+    logged_in(client)
+    assert save(client, "alice@example.org").status_code == 303
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = save(client, "alice@example.org", full_name="Alice L.")
+    assert response.headers["Location"] == "/account-details"
+    assert record(app)["full_name"] == "Alice L."
+    # A form without the email field at all keeps the stored address.
+    token = csrf_token(client, "/account-details")
+    response = client.post("/account-details", data={"csrf_token": token, "full_name": "A."})
+    assert response.headers["Location"] == "/account-details"
+    assert (record(app)["full_name"], record(app)["email"]) == ("A.", "alice@example.org")
