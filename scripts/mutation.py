@@ -55,7 +55,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         [
             "tests/test_auth.py",
             "tests/test_sessions.py",
-            "tests/test_rate_limits.py",
+            # Only the login, register and change-password limits (the others start servers).
+            "tests/test_rate_limits.py::test_user_limit_counts_only_failed_logins",
+            "tests/test_rate_limits.py::test_right_password_is_refused_while_the_user_limit_holds",
+            "tests/test_rate_limits.py::test_register_limit_refuses_and_stores_nothing",
+            "tests/test_rate_limits.py::test_change_password_limit_stops_guessing_the_current_password",
             "tests/test_audit.py",
         ],
     ),
