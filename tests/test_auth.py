@@ -432,3 +432,25 @@ def test_an_expired_session_still_gets_files_without_a_redirect(tmp_path, clock)
     response = client.get("/second")
     assert response.status_code == 200  # a public page: no redirect, anonymous
     assert "Logged in as" not in response.get_data(as_text=True)
+
+
+def test_a_login_under_a_raised_cost_stores_the_upgraded_hash_with_the_session(tmp_path):
+    AuthActions(make_app(tmp_path).test_client()).register()
+    app = make_app(tmp_path, ARGON2_TIME_COST=3)
+    client = app.test_client()
+    assert AuthActions(client).login().status_code == 302
+    record = _stored(app, "alice")
+    assert ",t=3," in record["password_hash"] and len(record["sessions"]) == 1
+    assert AuthActions(app.test_client()).login().status_code == 302
+
+
+def test_the_next_sign_in_tells_of_a_failed_attempt_once(app, client, auth):
+    auth.register()
+    failed = app.test_client()
+    response = AuthActions(failed).login("alice", OTHER_PASSWORD)
+    response.close()  # the failure is written once the response has gone
+    page = client.get(auth.login().headers["Location"]).get_data(as_text=True)
+    assert "1 failed sign-in attempt since your last visit" in page
+    other = app.test_client()
+    page = other.get(AuthActions(other).login().headers["Location"]).get_data(as_text=True)
+    assert "failed sign-in" not in page
