@@ -49,7 +49,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     # Change password, delete account and the timeouts are tested with the sessions they end;
     # which attempts count against the login limits, in the rate limit tests; what the
-    # handlers write to the audit trail, in the audit tests.
+    # handlers write to the audit trail, in the audit tests. (Slow tests are never selected.)
     "auth": (
         "secure_app/auth.py",
         [
@@ -61,6 +61,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_rate_limits.py::test_register_limit_refuses_and_stores_nothing",
             "tests/test_rate_limits.py::test_change_password_limit_stops_guessing_the_current_password",
             "tests/test_audit.py",
+            # The compare-and-set on the password and the session, under concurrent writes.
+            "tests/test_races.py",
         ],
     ),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),

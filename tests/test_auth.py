@@ -5,11 +5,17 @@ from __future__ import annotations
 import re
 
 import pytest
+from flask import g, session
 from test_two_factor import enrol, second_step, two_factor_app, who
 
 from helpers import CSRF_RE, OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
 from secure_app import mfa, sessions
-from secure_app.auth import LOGIN_FAILED, SESSION_ENDED, safe_next
+from secure_app.auth import (
+    LOGIN_FAILED,
+    SESSION_ENDED,
+    begin_session_without_password,
+    safe_next,
+)
 from secure_app.store import RecordGone, StoreError, get_store
 
 
@@ -276,7 +282,12 @@ def test_a_password_change_says_so_and_returns_to_the_account(app, logged_in, au
     assert response.status_code == 302
     assert response.headers["Location"] == "/account-details"
     page = logged_in.get("/account-details").get_data(as_text=True)
-    assert "Your password has been changed. Other sessions were logged out." in page
+    assert (
+        '<p class="flash flash-success">'
+        "Your password has been changed. Other sessions were logged out.</p>"
+    ) in page
+    # The owner's security page lists it.
+    assert [e["k"] for e in _stored(app, "alice")["events"]][-1] == "password_changed"
 
 
 def test_a_refused_deletion_says_so_and_returns_to_the_account(app, logged_in):
@@ -300,7 +311,7 @@ def test_logging_out_the_other_sessions_says_so_on_the_security_page(app, logged
     assert response.status_code == 302
     assert response.headers["Location"] == "/security"
     page = logged_in.get("/security").get_data(as_text=True)
-    assert "Every other session has been logged out." in page
+    assert '<p class="flash flash-success">Every other session has been logged out.</p>' in page
     assert other.get("/account-details").status_code == 302
     (event,) = [e for e in _stored(app, "alice")["events"] if e["k"] == "sessions_ended_others"]
     assert event["count"] == 1
@@ -454,3 +465,36 @@ def test_the_next_sign_in_tells_of_a_failed_attempt_once(app, client, auth):
     other = app.test_client()
     page = other.get(AuthActions(other).login().headers["Location"]).get_data(as_text=True)
     assert "failed sign-in" not in page
+
+
+# -- a session without a password (passkeys.py verifies the passkey, then calls this) ----------
+
+
+def test_a_claimed_sign_in_starts_a_session_bound_to_the_hash_the_claim_saw(app, auth):
+    auth.register()
+    seen = []
+
+    def claim(record):
+        seen.append(record["password_hash"])
+        return {**record, "note": "claimed"}
+
+    with app.test_request_context():
+        g.user = None
+        assert begin_session_without_password("alice", claim, "passkey") is True
+        assert session["uid"] == "alice" and session["sid"]
+    record = _stored(app, "alice")
+    assert record["note"] == "claimed" and seen == [record["password_hash"]]
+    assert len(record["sessions"]) == 1
+    assert record["events"][-1]["k"] == "login_success"
+    assert record["events"][-1]["method"] == "passkey"
+
+
+def test_a_refused_or_vanished_claim_starts_nothing(app, auth):
+    auth.register()
+    before = _stored(app, "alice")
+    with app.test_request_context():
+        g.user = None
+        assert begin_session_without_password("alice", lambda r: None, "passkey") is False
+        assert begin_session_without_password("nobody", lambda r: r, "passkey") is False
+        assert "uid" not in session
+    assert _stored(app, "alice") == before
