@@ -1,7 +1,8 @@
 """Mutation score of each security module against the tests that mirror it (``make mutation``).
 
-Usage: ``python scripts/mutation.py [MODULE ...] [--jobs N] [--report]`` (default: every module
-in MODULES; ``--report`` prints the table of the last run again, with the current equivalents).
+Usage: ``python scripts/mutation.py [MODULE ...] [--jobs N] [--report | --recheck]`` (default:
+every module in MODULES; ``--report`` prints the table of the last run again, with the current
+equivalents; ``--recheck`` re-runs only the last run's undetected mutants with the current tests).
 
 For each module this builds ``mutants/<module>/``: links to the code, tests, templates and
 static files plus a ``pyproject.toml`` whose ``[tool.mutmut]`` mutates that one module and runs
@@ -129,14 +130,18 @@ def prepare(module: str) -> Path:
     return work
 
 
-def run_module(module: str, jobs: int) -> float:
-    """Run mutmut for one module from scratch; return the wall time."""
-    work = prepare(module)
+def run_module(module: str, jobs: int, only: list[str] | None = None) -> float:
+    """Run mutmut for one module from scratch, or re-run ``only`` these mutants; return the time.
+
+    A re-run keeps every other result and the module's test selection, and uses the test
+    files as they are now (mutmut copies tests/ again and collects any new test).
+    """
+    work = WORK / module if only else prepare(module)
     started = time.monotonic()
-    log = work / "mutmut.log"
+    log = work / ("mutmut-recheck.log" if only else "mutmut.log")
     with log.open("w") as out:
         done = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
             cwd=work,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -190,6 +195,11 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only print the table of the last run's results"
     )
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="re-run only the last run's undetected mutants, against the tests as they are now",
+    )
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = set(modules) - set(MODULES)
@@ -210,7 +220,14 @@ def main() -> None:
     rows, survivors, stale = [], [], []
     started = time.monotonic()
     for module in modules:
-        elapsed = "-" if args.report else f"{run_module(module, args.jobs):.0f}s"
+        if args.report:
+            elapsed = "-"
+        elif args.recheck:
+            missed = [n for n, st in results(module).items() if st not in ("killed", "timeout")]
+            missed = [n for n in missed if n not in equivalents]
+            elapsed = f"{run_module(module, args.jobs, missed):.0f}s" if missed else "-"
+        else:
+            elapsed = f"{run_module(module, args.jobs):.0f}s"
         statuses = results(module)
         rows.append(row(module, statuses, equivalents) + [elapsed])
         for name, status in sorted(statuses.items(), key=natural):
