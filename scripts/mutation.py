@@ -64,6 +64,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_audit.py",
             # The compare-and-set on the password and the session, under concurrent writes.
             "tests/test_races.py",
+            "tests/test_account_email.py::test_a_password_change_is_notified_to_the_verified_address",
         ],
     ),
     "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),

@@ -498,3 +498,14 @@ def test_a_refused_or_vanished_claim_starts_nothing(app, auth):
         assert begin_session_without_password("nobody", lambda r: r, "passkey") is False
         assert "uid" not in session
     assert _stored(app, "alice") == before
+
+
+def test_a_new_password_built_from_the_username_is_refused_on_change(app, client, auth):
+    # Strong on its own (the registration tests show it); guessable from the username.
+    auth.register("marmaladeskies")
+    auth.login("marmaladeskies")
+    before = _stored(app, "marmaladeskies")
+    response = auth.change_password(new="marmaladeskies2024")
+    assert response.status_code == 422
+    assert "too easy to guess" in response.get_data(as_text=True)
+    assert _stored(app, "marmaladeskies") == before
