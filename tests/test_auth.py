@@ -272,7 +272,9 @@ def test_a_wrong_current_password_is_refused_with_a_message_and_changes_nothing(
         },
     )
     assert response.status_code == 422
-    assert "This is not your current password." in response.get_data(as_text=True)
+    assert (
+        '<p class="error" id="current_password-error">This is not your current password.</p>'
+    ) in response.get_data(as_text=True)
     assert _stored(app, "alice") == before
 
 
