@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test test-postgres lint format bench soak observatory clean
+.PHONY: run test test-postgres lint format bench soak observatory mutation clean
 
 # The request tests once more with every app on PostgreSQL. Not repeated: the
 # store's own tests (they run on both backends already), and the perimeter
@@ -63,5 +63,9 @@ soak: $(VENV)/.installed-test
 observatory: $(VENV)/.installed-test
 	bench/observatory.sh
 
+# Mutation score per security module (scripts/mutation.py); MODULES="auth forms" narrows it.
+mutation: $(VENV)/.installed-test
+	$(BIN)/python scripts/mutation.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf mutants $(VENV) .pytest_cache .hypothesis .ruff_cache

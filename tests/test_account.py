@@ -10,9 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
+from test_uploads import PLACES
 
 import images
 from helpers import (
+    AuthActions,
     csrf_token,
     file_size_limit,
     photo_bytes,
@@ -397,3 +399,47 @@ def test_photo_route_serves_only_server_made_names(app, logged_in, name):
     (Path(app.config["PHOTO_DIR"])).mkdir(parents=True, exist_ok=True)
     (Path(app.config["PHOTO_DIR"]) / "x.html").write_text("<script>alert(1)</script>")
     assert logged_in.get(f"/public/images/profile/{name}").status_code == 404
+
+
+# -- what the page says ------------------------------------------------------------------------
+
+
+def test_the_page_counts_this_users_live_sessions(app, logged_in):
+    assert "You have 1 active session." in logged_in.get("/account-details").get_data(as_text=True)
+    AuthActions(app.test_client()).login()
+    page = logged_in.get("/account-details").get_data(as_text=True)
+    assert "You have 2 active sessions." in page
+
+
+def test_a_busy_upload_asks_to_retry_in_two_seconds_and_stores_nothing(app, logged_in):
+    before = stored_bytes(app)
+    for _ in range(PLACES):  # every decode place held, as by uploads still decoding
+        assert uploads._admitted.acquire(timeout=10)
+    try:
+        response = upload(logged_in, images.png())
+    finally:
+        for _ in range(PLACES):
+            uploads._admitted.release()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "2"
+    assert stored_bytes(app) == before and photo_names(app) == []
+
+
+def test_a_refused_photo_refuses_the_whole_save_with_422(app, logged_in):
+    response = post_details(
+        logged_in, photo=(b"not an image", "me.png", "image/png"), full_name="Changed"
+    )
+    assert response.status_code == 422
+    assert record(app).get("full_name", "") != "Changed"
+    assert logged_in.get("/account-details").status_code == 200
+
+
+def test_an_empty_file_part_as_browsers_send_it_saves_the_details_and_keeps_the_photo(
+    app, logged_in
+):
+    upload(logged_in, images.png())
+    old = record(app)["photo"]
+    response = post_details(logged_in, photo=(b"", "", "application/octet-stream"), bio="New.")
+    assert response.status_code == 303
+    assert record(app)["bio"] == "New." and record(app)["photo"] == old
+    assert photo_names(app) == [old]

@@ -9,6 +9,7 @@ from test_recovery import body, confirm, link_of, outbox, record
 from test_two_factor import two_factor_app
 
 from helpers import AuthActions, csrf_token, stored_bytes
+from secure_app.account import EMAIL_OUTCOMES
 
 
 @pytest.fixture
@@ -99,3 +100,36 @@ def test_factor_changes_and_an_operator_reset_are_notified(app, client, clock):
     notices = [body(m) for m in outbox(app) if m["To"] == "alice@example.org"]
     assert "An operator removed your second factors" in notices[-1]
     assert record(app)["events"][-1]["k"] == "two_factor_reset"
+
+
+def test_each_address_change_says_what_happens_to_recovery(app, client):
+    def flashed(response) -> str:
+        assert response.status_code == 303
+        return client.get(response.headers["Location"]).get_data(as_text=True)
+
+    logged_in(client)
+    page = flashed(save(client, "alice@example.org"))
+    assert "Your details have been saved." in page
+    assert EMAIL_OUTCOMES["pending"] in page
+    confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
+    flashed(save(client, "alice@new.example"))
+    assert EMAIL_OUTCOMES["verified"] in flashed(save(client, "alice@example.org"))
+    assert EMAIL_OUTCOMES["removed"] in flashed(save(client, ""))
+    # Saving without touching the address says nothing about it.
+    page = flashed(save(client, "", full_name="Alice L."))
+    assert "Your details have been saved." in page
+    assert not any(outcome in page for outcome in EMAIL_OUTCOMES.values())
+
+
+def test_a_save_that_keeps_the_address_needs_no_fresh_authentication(app, client, clock):
+    logged_in(client)
+    assert save(client, "alice@example.org").status_code == 303
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = save(client, "alice@example.org", full_name="Alice L.")
+    assert response.headers["Location"] == "/account-details"
+    assert record(app)["full_name"] == "Alice L."
+    # A form without the email field at all keeps the stored address.
+    token = csrf_token(client, "/account-details")
+    response = client.post("/account-details", data={"csrf_token": token, "full_name": "A."})
+    assert response.headers["Location"] == "/account-details"
+    assert (record(app)["full_name"], record(app)["email"]) == ("A.", "alice@example.org")

@@ -178,3 +178,28 @@ def test_a_token_in_the_path_never_reaches_the_log(client, audit_log, caplog, ca
     (line,) = _events(audit_log(), "csrf_refused")
     assert line["path"] == "/reset-password/<token>"
     assert "live-token" not in caplog.text + capsys.readouterr().err
+
+
+def test_refusals_and_ending_other_sessions_are_audited(app, client, auth, audit_log):
+    auth.register()
+    auth.login()
+    token = csrf_token(client, "/change-password")
+    client.post(
+        "/change-password",
+        data={
+            "current_password": OTHER_PASSWORD,
+            "new_password": OTHER_PASSWORD,
+            "confirm": OTHER_PASSWORD,
+            "csrf_token": token,
+        },
+    )
+    token = csrf_token(client, "/account-details")
+    client.post("/delete-account", data={"password": OTHER_PASSWORD, "csrf_token": token})
+    client.post("/logout-others", data={"csrf_token": token})
+    client.post("/login", data={"username": "", "password": "", "csrf_token": token})
+    lines = audit_log()
+    for name in ("password_change_refused", "account_delete_refused", "logout_others"):
+        (line,) = _events(lines, name)
+        assert line["username"] == "alice"
+    # A login form that is not even valid is a failure too, with no username to name.
+    assert _events(lines, "login_failure")[-1]["username"] is None

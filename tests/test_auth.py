@@ -5,10 +5,18 @@ from __future__ import annotations
 import re
 
 import pytest
+from flask import g, session
+from test_two_factor import enrol, second_step, two_factor_app, who
 
-from helpers import CSRF_RE, OTHER_PASSWORD, PASSWORD, csrf_token
-from secure_app.auth import LOGIN_FAILED, safe_next
-from secure_app.store import get_store
+from helpers import CSRF_RE, OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from secure_app import mfa, sessions
+from secure_app.auth import (
+    LOGIN_FAILED,
+    SESSION_ENDED,
+    begin_session_without_password,
+    safe_next,
+)
+from secure_app.store import RecordGone, StoreError, get_store
 
 
 def _stored(app, username: str):
@@ -227,3 +235,279 @@ def test_login_form_does_not_carry_an_off_site_next(client, raw):
     page = client.get(f"/login?next={raw}").get_data(as_text=True)
     action = re.search(r'<form method="post" action="([^"]*)"', page).group(1)
     assert action == "/login"
+
+
+# -- what each handler says and where it sends the browser -----------------------------------
+
+
+def test_register_page_and_success_message(app, client, auth):
+    assert client.get("/register").status_code == 200
+    auth.register()
+    assert "Your account is ready. Please log in." in client.get("/login").get_data(as_text=True)
+
+
+def test_login_page_is_a_plain_200_and_keeps_a_local_next(client):
+    response = client.get("/login?next=/second")
+    assert response.status_code == 200
+    action = re.search(r'<form method="post" action="([^"]*)"', response.get_data(as_text=True))
+    assert action.group(1) == "/login?next=/second"
+
+
+def test_logout_without_a_session_changes_nothing_and_says_logged_out(app, client):
+    response = client.post("/logout", data={"csrf_token": csrf_token(client, "/login")})
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/?notice=logged-out"
+    assert response.headers["Clear-Site-Data"] == '"cookies", "storage"'
+
+
+def test_a_wrong_current_password_is_refused_with_a_message_and_changes_nothing(app, logged_in):
+    before = _stored(app, "alice")
+    response = logged_in.post(
+        "/change-password",
+        data={
+            "current_password": OTHER_PASSWORD,
+            "new_password": "tangerine walrus gallops beneath quiet harbour",
+            "confirm": "tangerine walrus gallops beneath quiet harbour",
+            "csrf_token": csrf_token(logged_in, "/change-password"),
+        },
+    )
+    assert response.status_code == 422
+    assert (
+        '<p class="error" id="current_password-error">This is not your current password.</p>'
+    ) in response.get_data(as_text=True)
+    assert _stored(app, "alice") == before
+
+
+def test_a_password_change_says_so_and_returns_to_the_account(app, logged_in, auth):
+    assert logged_in.get("/change-password").status_code == 200
+    response = auth.change_password()
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/account-details"
+    page = logged_in.get("/account-details").get_data(as_text=True)
+    assert (
+        '<p class="flash flash-success">'
+        "Your password has been changed. Other sessions were logged out.</p>"
+    ) in page
+    # The owner's security page lists it.
+    assert [e["k"] for e in _stored(app, "alice")["events"]][-1] == "password_changed"
+
+
+def test_a_refused_deletion_says_so_and_returns_to_the_account(app, logged_in):
+    response = logged_in.post(
+        "/delete-account",
+        data={"password": OTHER_PASSWORD, "csrf_token": csrf_token(logged_in, "/account-details")},
+    )
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/account-details"
+    page = logged_in.get("/account-details").get_data(as_text=True)
+    assert "Your account was not deleted: the password was not right." in page
+    assert _stored(app, "alice") is not None
+
+
+def test_logging_out_the_other_sessions_says_so_on_the_security_page(app, logged_in, auth):
+    other = app.test_client()
+    AuthActions(other).login()
+    response = logged_in.post(
+        "/logout-others", data={"csrf_token": csrf_token(logged_in, "/account-details")}
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/security"
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert '<p class="flash flash-success">Every other session has been logged out.</p>' in page
+    assert other.get("/account-details").status_code == 302
+    (event,) = [e for e in _stored(app, "alice")["events"] if e["k"] == "sessions_ended_others"]
+    assert event["count"] == 1
+
+
+def test_a_session_ended_elsewhere_is_told_once_on_the_next_page_not_on_a_file(app, auth):
+    phone, laptop = app.test_client(), app.test_client()
+    auth.register()
+    AuthActions(phone).login()
+    AuthActions(laptop).login()
+    laptop.post("/logout-others", data={"csrf_token": csrf_token(laptop, "/account-details")})
+    photo = app.test_client()
+    photo.set_cookie("session", phone.get_cookie("session").value)
+    assert photo.get("/public/images/profile/" + "a" * 32 + ".webp").status_code == 404
+    with photo.session_transaction() as cookie:
+        assert "_flashes" not in cookie  # a file request carries no notice
+    page = phone.get("/second")
+    assert page.status_code == 200
+    assert SESSION_ENDED in page.get_data(as_text=True)
+    assert SESSION_ENDED not in phone.get("/second").get_data(as_text=True)
+
+
+def test_an_expired_session_posting_is_logged_out_without_a_redirect_to_login(tmp_path, clock):
+    app = make_app(tmp_path, SESSION_IDLE_TIMEOUT=60)
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    token = csrf_token(client, "/account-details")
+    clock.advance(61)
+    response = client.post("/logout", data={"csrf_token": token})
+    # The request went on as anonymous: logout's own answer, not the login page.
+    assert response.headers["Location"] == "/?notice=logged-out"
+    assert client.get("/account-details").status_code == 302
+
+
+def test_activity_is_written_to_the_record_every_few_minutes_only(clock, app, logged_in):
+    def entry():
+        (value,) = _stored(app, "alice")["sessions"].values()
+        return value
+
+    logged_in.environ_base["REMOTE_ADDR"] = "192.0.2.44"
+    login_time = entry()["t"]
+    clock.advance(sessions.ACTIVE_REFRESH - 1)
+    logged_in.get("/second")
+    assert entry()["s"] == login_time
+    clock.advance(1)
+    logged_in.get("/second")
+    assert entry()["s"] == login_time + sessions.ACTIVE_REFRESH
+    assert entry()["ip"] == "192.0.2.44"
+
+
+def test_a_failed_activity_write_does_not_fail_the_page(clock, app, logged_in, monkeypatch):
+    clock.advance(sessions.ACTIVE_REFRESH)
+    with app.app_context():
+        store = type(get_store())
+
+    def broken(self, *args, **kwargs):
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(store, "update", broken)
+    response = logged_in.get("/second")
+    assert response.status_code == 200
+    assert 'class="username">alice<' in response.get_data(as_text=True)
+
+
+def test_an_account_gone_during_a_request_logs_out_to_the_login_page(tmp_path):
+    def vanished():
+        raise RecordGone("alice")  # what update_own raises when the record went meanwhile
+
+    app = make_app(tmp_path)
+    app.add_url_rule("/test-vanished", view_func=vanished)
+    logged_in = app.test_client()
+    AuthActions(logged_in).register()
+    AuthActions(logged_in).login()
+    response = logged_in.get("/test-vanished")
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/login"
+    assert "Logged in as" not in logged_in.get("/").get_data(as_text=True)
+
+
+# -- a password is only the first step for a user with a second factor ----------------------
+
+
+@pytest.fixture
+def factor_app(tmp_path, monkeypatch, clock):
+    app = two_factor_app(tmp_path, monkeypatch)
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    secret, _ = enrol(client, clock)
+    AuthActions(client).logout()
+    clock.next_step()
+    return app, secret
+
+
+def test_a_correct_password_with_a_second_factor_logs_nobody_in(factor_app, clock):
+    app, secret = factor_app
+    client = app.test_client()
+    response = AuthActions(client).login(next="/second")
+    assert response.headers["Location"] == "/login/two-factor"
+    assert who(client) is None
+    assert "sessions" not in _stored(app, "alice") or not _stored(app, "alice")["sessions"]
+    done = second_step(client, mfa.code_at(secret, clock.step))
+    assert done.headers["Location"] == "/second"
+    assert who(client) == "alice"
+
+
+def test_a_hash_upgrade_at_a_two_factor_login_is_stored_and_the_login_still_finishes(
+    factor_app, tmp_path, monkeypatch, clock
+):
+    old_app, secret = factor_app
+    old_hash = _stored(old_app, "alice")["password_hash"]
+    app = two_factor_app(tmp_path, monkeypatch, ARGON2_TIME_COST=2)
+    client = app.test_client()
+    assert AuthActions(client).login().headers["Location"] == "/login/two-factor"
+    new_hash = _stored(app, "alice")["password_hash"]
+    assert new_hash != old_hash and ",t=2," in new_hash
+    second_step(client, mfa.code_at(secret, clock.step))
+    assert who(client) == "alice"
+
+
+def test_an_expired_session_still_gets_files_without_a_redirect(tmp_path, clock):
+    app = make_app(tmp_path, SESSION_IDLE_TIMEOUT=60)
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    clock.advance(61)
+    assert client.get("/public/css/site.css").status_code == 200  # a file: no redirect
+    response = client.get("/second")
+    assert response.status_code == 200  # a public page: no redirect, anonymous
+    assert "Logged in as" not in response.get_data(as_text=True)
+
+
+def test_a_login_under_a_raised_cost_stores_the_upgraded_hash_with_the_session(tmp_path):
+    AuthActions(make_app(tmp_path).test_client()).register()
+    app = make_app(tmp_path, ARGON2_TIME_COST=3)
+    client = app.test_client()
+    assert AuthActions(client).login().status_code == 302
+    record = _stored(app, "alice")
+    assert ",t=3," in record["password_hash"] and len(record["sessions"]) == 1
+    assert AuthActions(app.test_client()).login().status_code == 302
+
+
+def test_the_next_sign_in_tells_of_a_failed_attempt_once(app, client, auth):
+    auth.register()
+    failed = app.test_client()
+    response = AuthActions(failed).login("alice", OTHER_PASSWORD)
+    response.close()  # the failure is written once the response has gone
+    page = client.get(auth.login().headers["Location"]).get_data(as_text=True)
+    assert "1 failed sign-in attempt since your last visit" in page
+    other = app.test_client()
+    page = other.get(AuthActions(other).login().headers["Location"]).get_data(as_text=True)
+    assert "failed sign-in" not in page
+
+
+# -- a session without a password (passkeys.py verifies the passkey, then calls this) ----------
+
+
+def test_a_claimed_sign_in_starts_a_session_bound_to_the_hash_the_claim_saw(app, auth):
+    auth.register()
+    seen = []
+
+    def claim(record):
+        seen.append(record["password_hash"])
+        return {**record, "note": "claimed"}
+
+    with app.test_request_context():
+        g.user = None
+        assert begin_session_without_password("alice", claim, "passkey") is True
+        assert session["uid"] == "alice" and session["sid"]
+    record = _stored(app, "alice")
+    assert record["note"] == "claimed" and seen == [record["password_hash"]]
+    assert len(record["sessions"]) == 1
+    assert record["events"][-1]["k"] == "login_success"
+    assert record["events"][-1]["method"] == "passkey"
+
+
+def test_a_refused_or_vanished_claim_starts_nothing(app, auth):
+    auth.register()
+    before = _stored(app, "alice")
+    with app.test_request_context():
+        g.user = None
+        assert begin_session_without_password("alice", lambda r: None, "passkey") is False
+        assert begin_session_without_password("nobody", lambda r: r, "passkey") is False
+        assert "uid" not in session
+    assert _stored(app, "alice") == before
+
+
+def test_a_new_password_built_from_the_username_is_refused_on_change(app, client, auth):
+    # Strong on its own (the registration tests show it); guessable from the username.
+    auth.register("marmaladeskies")
+    auth.login("marmaladeskies")
+    before = _stored(app, "marmaladeskies")
+    response = auth.change_password(new="marmaladeskies2024")
+    assert response.status_code == 422
+    assert "too easy to guess" in response.get_data(as_text=True)
+    assert _stored(app, "marmaladeskies") == before

@@ -185,3 +185,52 @@ def test_verify_password_with_no_hash_is_false_for_any_password(app):
 def test_argon2_type_is_id(app):
     with app.app_context():
         assert app.extensions["secure_app.passwords"]["hasher"].type is Type.ID
+
+
+def test_hashes_use_exactly_the_configured_cost_by_default(app, auth):
+    """m=19 MiB, t=2, p=1 unless configured: not argon2-cffi's own defaults (64 MiB, p=4)."""
+    auth.register()
+    assert _params(_stored(app)["password_hash"]) == {"m": 19 * 1024, "t": 2, "p": 1}
+
+
+def test_every_argon2_setting_is_taken_from_the_config(tmp_path):
+    app = make_app(tmp_path, ARGON2_TIME_COST=3, ARGON2_MEMORY_COST=20 * 1024, ARGON2_PARALLELISM=2)
+    AuthActions(app.test_client()).register()
+    assert _params(_stored(app)["password_hash"]) == {"m": 20 * 1024, "t": 3, "p": 2}
+
+
+def test_only_if_unchanged_without_a_change_is_a_plain_check():
+    """As Store.delete's check: passes on the verified hash, refuses any other, changes nothing."""
+    check = passwords.only_if_unchanged("$argon2id$old")
+    record = {"password_hash": "$argon2id$old"}
+    assert check(record) is None
+    assert record == {"password_hash": "$argon2id$old"}
+    with pytest.raises(passwords.PasswordChanged):
+        check({"password_hash": "$argon2id$new"})
+
+
+def test_a_password_zxcvbn_scores_exactly_3_is_accepted():
+    """MIN_SCORE is 3, "safely unguessable": the boundary itself passes."""
+    from zxcvbn import zxcvbn
+
+    password = "zebra zebra zebra zebra"
+    assert zxcvbn(password, user_inputs=passwords.SITE_WORDS)["score"] == passwords.MIN_SCORE
+    assert passwords.policy_problem(password) is None
+    assert passwords.policy_problem(password, "alice") is None
+
+
+def test_refusals_say_what_to_do():
+    assert passwords.policy_problem("x" * 14) == (
+        "Use at least 15 characters. "
+        "Several unrelated words make a strong passphrase that is easy to remember."
+    )
+    assert passwords.policy_problem("x" * 129) == "Use at most 128 characters."
+    # zxcvbn's warning when it has one...
+    assert passwords.policy_problem("1qaz2wsx3edc4rfv") == (
+        "This password is too easy to guess. This is a very common password."
+    )
+    # ...else its suggestions, joined.
+    assert passwords.policy_problem("HELLOWORLD12345") == (
+        "This password is too easy to guess. Add another word or two. Uncommon words are better. "
+        "All-uppercase is almost as easy to guess as all-lowercase."
+    )

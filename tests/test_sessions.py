@@ -202,6 +202,225 @@ def test_change_password_needs_login(client):
     assert response.headers["Location"] == "/login?next=/change-password"
 
 
+# -- how many sessions a user may hold ---------------------------------------------------------
+
+
+# The cap's eviction order and its default of 20 are in test_security_page.py.
+
+
+def test_a_cap_below_one_still_lets_the_latest_login_in(tmp_path, clock):
+    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=0)
+    AuthActions(app.test_client()).register()
+    first = _login(app)
+    clock.advance(1)
+    second = _login(app)
+    assert (_is_logged_in(first), _is_logged_in(second)) == (False, True)
+
+
+def test_outside_a_request_the_cap_is_the_module_default():
+    record: dict = {}
+    sids = [sessions.start(record, 1000 + i, 3600) for i in range(21)]
+    assert sessions.count(record) == sessions.MAX_SESSIONS_PER_USER
+    assert sessions.check({"sid": sids[0], "seen": 1020}, record, 1020, 60, 3600) == "ended"
+    assert sessions.check({"sid": sids[1], "seen": 1020}, record, 1020, 60, 3600) == "live"
+
+
+def test_a_login_prunes_sessions_past_the_lifetime_and_keeps_those_at_it():
+    record: dict = {}
+    at_limit = sessions.start(record, 1000, 3600, cap=5)
+    too_old = sessions.start(record, 999, 3600, cap=5)
+    sessions.start(record, 4600, 3600, cap=5)  # 3600 s after the first, 3601 after the second
+    assert sessions.count(record) == 2
+    assert sessions.check({"sid": at_limit, "seen": 4600}, record, 4600, 60, 3600) == "live"
+    assert sessions.check({"sid": too_old, "seen": 4600}, record, 4600, 60, 3600) == "ended"
+
+
+def test_a_new_session_entry_records_login_time_device_and_address():
+    record: dict = {}
+    sessions.start(record, 1000, 3600, device="Firefox 128 on Linux", ip="203.0.113.7")
+    sessions.start(record, 1001, 3600, device="x" * 100)
+    first, second = record["sessions"].values()
+    assert first == {"t": 1000, "s": 1000, "ua": "Firefox 128 on Linux", "ip": "203.0.113.7"}
+    assert second == {"t": 1001, "s": 1001, "ua": "x" * sessions.MAX_DEVICE, "ip": None}
+    sessions.start(record, 1002, 3600)
+    assert list(record["sessions"].values())[2]["ua"] == sessions.UNKNOWN_DEVICE
+
+
+def test_the_record_keeps_a_digest_of_the_session_id_never_the_id():
+    record: dict = {}
+    sid = sessions.start(record, 1000, 3600)
+    assert list(record["sessions"]) == [hashlib.sha256(sid.encode()).hexdigest()]
+    assert sid not in json.dumps(record)
+    assert len(sid) >= 43  # 32 random bytes, base64
+
+
+def test_a_login_in_a_request_records_the_browser_and_the_address(app):
+    AuthActions(app.test_client()).register()
+    browser = app.test_client()
+    agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+    browser.environ_base.update(HTTP_USER_AGENT=agent, REMOTE_ADDR="203.0.113.9")
+    assert AuthActions(browser).login().status_code == 302
+    (entry,) = _record(app)["sessions"].values()
+    assert (entry["ua"], entry["ip"]) == ("Firefox 128 on Linux", "203.0.113.9")
+
+
+# -- the record's session entries, function by function -------------------------------------
+
+
+def _record_with(*logins: int) -> tuple[dict, list[str]]:
+    record: dict = {}
+    return record, [sessions.start(record, t, 3600, device="d", cap=9) for t in logins]
+
+
+def test_ending_a_session_that_is_already_gone_is_not_an_error():
+    """It may have ended meanwhile (another tab, the cap): the write must still go through."""
+    record, (sid,) = _record_with(1000)
+    sessions.end(record, "never-issued")
+    sessions.end(record, sid)
+    sessions.end(record, sid)
+    assert sessions.count(record) == 0
+    empty: dict = {}  # a record with no session at all: every helper leaves it alone
+    sessions.end(empty, sid)
+    sessions.touch(empty, sid, 1000, None)
+    assert sessions.end_public(empty, sessions.public_id_of(sid), "other") is None
+    assert sessions.end_others(empty, sid) == 0
+
+
+def test_ending_the_others_keeps_this_one_and_counts_the_rest():
+    record, (a, b, c) = _record_with(1000, 1001, 1002)
+    assert sessions.end_others(record, b) == 2
+    assert sessions.check({"sid": b, "seen": 1002}, record, 1002, 60, 3600) == "live"
+    assert sessions.count(record) == 1
+    assert sessions.end_others(record, b) == 0
+
+
+def test_a_session_is_ended_by_its_public_id_but_never_the_one_asking():
+    record, (mine, other) = _record_with(1000, 1001)
+    assert sessions.end_public(record, sessions.public_id_of(mine), mine) is None
+    assert sessions.end_public(record, "f" * 32, mine) is None
+    assert sessions.end_public(record, sessions.public_id_of(other).upper(), mine) is None
+    assert sessions.count(record) == 2
+    ended = sessions.end_public(record, sessions.public_id_of(other), mine)
+    assert ended == {"t": 1001, "s": 1001, "ua": "d", "ip": None}
+    assert sessions.count(record) == 1
+    assert sessions.end_public(record, sessions.public_id_of(other), mine) is None
+
+
+def test_a_public_id_is_32_hex_digits_and_neither_the_id_nor_its_digest():
+    record, (sid,) = _record_with(1000)
+    (digest,) = record["sessions"]
+    shown = sessions.public_id_of(sid)
+    assert shown == sessions.public_id(digest)
+    assert sessions.PUBLIC_ID_RE.fullmatch(shown)
+    assert shown not in (sid, digest) and shown not in digest
+    assert sessions.public_id_of(sid + "x") != shown
+
+
+def test_a_session_stored_as_a_plain_login_time_is_read_and_ended_like_any_other():
+    record = {"sessions": {}}
+    sid = sessions.start(record, 1000, 3600, cap=5)
+    (digest,) = record["sessions"]
+    record["sessions"][digest] = 1000  # the form of records from before
+    assert sessions.check({"sid": sid, "seen": 1000}, record, 1000, 60, 3600) == "live"
+    assert sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH)
+    sessions.touch(record, sid, 1500, "192.0.2.1")
+    assert record["sessions"][digest] == {"t": 1000, "s": 1500, "ip": "192.0.2.1"}
+    record["sessions"][digest] = True  # not a login time: not a session
+    assert sessions.check({"sid": sid, "seen": 1000}, record, 1000, 60, 3600) == "ended"
+
+
+def test_activity_is_due_once_it_is_active_refresh_old():
+    record, (sid,) = _record_with(1000)
+    assert not sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH - 1)
+    assert sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH)
+    sessions.touch(record, sid, 1400, None)
+    assert not sessions.activity_due(record, sid, 1400 + sessions.ACTIVE_REFRESH - 1)
+    assert sessions.activity_due(record, sid, 1400 + sessions.ACTIVE_REFRESH)
+    assert not sessions.activity_due(record, "never-issued", 99_999)
+
+
+def test_a_refresh_without_an_address_keeps_the_last_one():
+    record, (sid,) = _record_with(1000)
+    sessions.touch(record, sid, 1300, "192.0.2.1")
+    sessions.touch(record, sid, 1600, None)
+    (entry,) = record["sessions"].values()
+    assert (entry["s"], entry["ip"], entry["t"]) == (1600, "192.0.2.1", 1000)
+
+
+def test_the_listing_puts_this_session_first_then_the_most_recently_active():
+    record, (old, mine, recent) = _record_with(1000, 1001, 1002)
+    sessions.touch(record, old, 1500, "192.0.2.1")
+    rows = sessions.listing(record, mine, 1600, 3600)
+    assert [r["id"] for r in rows] == [sessions.public_id_of(s) for s in (mine, old, recent)]
+    assert [r["current"] for r in rows] == [True, False, False]
+    assert rows[1] == {
+        "id": sessions.public_id_of(old),
+        "current": False,
+        "started": 1000,
+        "active": 1500,
+        "device": "d",
+        "ip": "192.0.2.1",
+    }
+    # Past the lifetime a session is not listed; with no cookie id, none is "current".
+    assert [r["started"] for r in sessions.listing(record, None, 4601, 3600)] == [1002, 1001]
+
+
+def test_the_listing_names_an_unknown_device_and_never_shows_activity_before_the_login():
+    record, (sid,) = _record_with(1000)
+    (digest,) = record["sessions"]
+    record["sessions"][digest] = {"t": 1000, "s": 900, "ua": ""}
+    (row,) = sessions.listing(record, sid, 1000, 3600)
+    assert (row["device"], row["active"], row["ip"]) == (sessions.UNKNOWN_DEVICE, 1000, None)
+
+
+@pytest.mark.parametrize(
+    ("header", "summary"),
+    [
+        (
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0",
+            "Firefox 128 on Windows",
+        ),
+        ("curl/8.5.0", "curl 8"),
+        ("", sessions.UNKNOWN_DEVICE),
+        ("   ", sessions.UNKNOWN_DEVICE),
+        (None, sessions.UNKNOWN_DEVICE),
+        ("x" * 8000, sessions.UNKNOWN_DEVICE),
+    ],
+)
+def test_a_user_agent_is_summarised_as_browser_version_and_system(header, summary):
+    assert sessions.describe_agent(header) == summary
+
+
+def test_only_the_first_512_characters_of_a_user_agent_are_parsed():
+    """ua-parser's rules are regular expressions: an 8 KiB header must not feed them."""
+    linux = "Mozilla/5.0 (X11; Linux x86_64) "
+    firefox = "Firefox/128.0"
+    fits = linux + " " * (sessions.MAX_AGENT_INPUT - len(linux) - len(firefox))
+    assert sessions.describe_agent(fits + firefox) == "Firefox 128 on Linux"
+    assert sessions.describe_agent(fits + " " + firefox) == "Unknown browser on Linux"
+
+
+def test_an_agent_with_a_system_but_no_known_browser_is_an_unknown_browser_on_it():
+    header = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) SomethingNew/1.0"
+    assert sessions.describe_agent(header) == "Unknown browser on Windows"
+
+
+@pytest.mark.parametrize(
+    ("value", "clean"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("203.0.113.7, 10.0.0.1", None),
+        ("<script>", None),
+        ("1" * 46, None),
+        (None, None),
+        (12, None),
+    ],
+)
+def test_only_an_address_is_stored_as_the_address(value, clean):
+    assert sessions.clean_ip(value) == clean
+
+
 # -- deletion ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,259 @@
+"""Mutation score of each security module against the tests that mirror it (``make mutation``).
+
+Usage: ``python scripts/mutation.py [MODULE ...] [--jobs N] [--report | --recheck]`` (default:
+every module in MODULES; ``--report`` prints the table of the last run again, with the current
+equivalents; ``--recheck`` re-runs only the last run's undetected mutants with the current tests).
+
+For each module this builds ``mutants/<module>/``: links to the code, tests, templates and
+static files plus a ``pyproject.toml`` whose ``[tool.mutmut]`` mutates that one module and runs
+only its tests (never the ``slow`` or ``browser`` ones). ``mutmut run`` then works in there
+(its copy is ``mutants/<module>/mutants/``), from scratch each time, so a number never comes
+from a stale cache. The results are read from mutmut's ``.meta`` file.
+
+Score = (killed + timed out) / (mutants - declared equivalents). A timeout is counted as
+detected, mutmut's own convention: the mutant made the tests run past 15 times their normal
+CPU time (an endless loop), which a real run would notice. "No tests" (the mutated function
+ran in none of the selected tests) and "suspicious" count as not detected.
+
+Declared equivalents live in tests/mutation_equivalents.txt: one mutant name per line, then
+its reason. Only survivors are counted out; a listed mutant that was killed is reported so the
+list can be pruned. A reason starting with "import-time:" marks a mutant mutmut cannot test
+(its function runs only at import); those get their own column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# module -> (file to mutate, tests that mirror it). Plain data: edit it to point elsewhere.
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "passwords": ("secure_app/passwords.py", ["tests/test_passwords.py"]),
+    # The security page's tests are the ones that list and end sessions (sessions.listing...).
+    "sessions": (
+        "secure_app/sessions.py",
+        ["tests/test_sessions.py", "tests/test_security_page.py"],
+    ),
+    "uploads": ("secure_app/uploads.py", ["tests/test_uploads.py"]),
+    "forms": (
+        "secure_app/forms.py",
+        ["tests/test_forms.py", "tests/test_fuzz_forms.py", "tests/test_auth.py"],
+    ),
+    # Change password, delete account and the timeouts are tested with the sessions they end;
+    # which attempts count against the login limits, in the rate limit tests; what the
+    # handlers write to the audit trail, in the audit tests. (Slow tests are never selected.)
+    "auth": (
+        "secure_app/auth.py",
+        [
+            "tests/test_auth.py",
+            "tests/test_sessions.py",
+            # Only the login, register and change-password limits (the others start servers).
+            "tests/test_rate_limits.py::test_user_limit_counts_only_failed_logins",
+            "tests/test_rate_limits.py::test_right_password_is_refused_while_the_user_limit_holds",
+            "tests/test_rate_limits.py::test_register_limit_refuses_and_stores_nothing",
+            "tests/test_rate_limits.py::test_change_password_limit_stops_guessing_the_current_password",
+            "tests/test_audit.py",
+            # The compare-and-set on the password and the session, under concurrent writes.
+            "tests/test_races.py",
+            "tests/test_account_email.py::test_a_password_change_is_notified_to_the_verified_address",
+        ],
+    ),
+    "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
+    "mfa": ("secure_app/mfa.py", ["tests/test_mfa.py"]),
+    "two_factor": ("secure_app/two_factor.py", ["tests/test_two_factor.py"]),
+    "reauth": ("secure_app/reauth.py", ["tests/test_two_factor.py", "tests/test_passkeys.py"]),
+    "passkeys": ("secure_app/passkeys.py", ["tests/test_passkeys.py"]),
+    "recovery": ("secure_app/recovery.py", ["tests/test_recovery.py"]),
+    "events": ("secure_app/events.py", ["tests/test_security_page.py"]),
+    "security_page": ("secure_app/security_page.py", ["tests/test_security_page.py"]),
+    "account": (
+        "secure_app/account.py",
+        ["tests/test_account.py", "tests/test_account_email.py"],
+    ),
+}
+
+EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
+# A listed mutant whose reason starts with this is not equivalent but out of mutmut's reach: its
+# function runs only at import (a field factory, a decorator factory), before mutmut activates a
+# mutant, and mutmut ties it to whichever test was running then. Counted in their own column.
+IMPORT_TIME = "import-time:"
+WORK = ROOT / "mutants"
+# What the tests need beside the code (the app finds templates and public/ next to the package).
+LINKED = ["secure_app", "tests", "templates", "public"]
+
+
+def load_equivalents() -> dict[str, str]:
+    """Mutant name -> reason, from the equivalents file (``#`` starts a comment)."""
+    if not EQUIVALENTS.exists():
+        return {}
+    found = {}
+    for line in EQUIVALENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, reason = line.partition(" ")
+            found[name] = reason.strip()
+    return found
+
+
+def mutmut_config(module: str) -> str:
+    path, tests = MODULES[module]
+    quoted = ", ".join(json.dumps(t) for t in tests)
+    return f"""
+[tool.mutmut]
+source_paths = ["secure_app"]
+only_mutate = [{json.dumps(path)}]
+also_copy = ["templates", "public"]
+pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "not slow and not browser"]
+pytest_add_cli_args_test_selection = [{quoted}]
+use_git_change_detection = false
+"""
+
+
+def prepare(module: str) -> Path:
+    """A fresh working folder for one module's run."""
+    work = WORK / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for name in LINKED:
+        (work / name).symlink_to(ROOT / name)
+    # The project's pytest settings (markers, filterwarnings) plus this module's mutmut table.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (work / "pyproject.toml").write_text(pyproject + mutmut_config(module))
+    return work
+
+
+def run_module(module: str, jobs: int, only: list[str] | None = None) -> float:
+    """Run mutmut for one module from scratch, or re-run ``only`` these mutants; return the time.
+
+    A re-run keeps every other result and the module's test selection, and uses the test
+    files as they are now (mutmut copies tests/ again and collects any new test).
+    """
+    work = WORK / module if only else prepare(module)
+    started = time.monotonic()
+    log = work / ("mutmut-recheck.log" if only else "mutmut.log")
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0:
+        sys.exit(f"mutmut failed for {module} (exit {done.returncode}); see {log}")
+    return time.monotonic() - started
+
+
+def results(module: str) -> dict[str, str]:
+    """Mutant name -> status, from the module's last run."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = WORK / module / "mutants" / (MODULES[module][0] + ".meta")
+    if not meta.exists():
+        sys.exit(f"no results for {module}: run it first")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: status_by_exit_code[code] for name, code in codes.items()}
+
+
+def natural(item: tuple[str, str]) -> tuple[str, int]:
+    """Sort mutant names by function, then by number (``_2`` before ``_10``)."""
+    stem, _, number = item[0].rpartition("_")
+    return stem, int(number) if number.isdigit() else 0
+
+
+def row(module: str, statuses: dict[str, str], equivalents: dict[str, str]) -> list[str]:
+    counts = Counter(statuses.values())
+    listed = [n for n in statuses if n in equivalents and statuses[n] == "survived"]
+    import_time = [n for n in listed if equivalents[n].startswith(IMPORT_TIME)]
+    detected = counts["killed"] + counts["timeout"]
+    missed = len(statuses) - detected - len(listed)
+    denominator = len(statuses) - len(listed)
+    score = f"{100 * detected / denominator:.0f}%" if denominator else "-"
+    return [
+        module,
+        str(len(statuses)),
+        str(counts["killed"]),
+        str(missed),
+        str(counts["timeout"]),
+        str(len(listed) - len(import_time)),
+        str(len(import_time)),
+        score,
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)}")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "2")))
+    parser.add_argument(
+        "--report", action="store_true", help="only print the table of the last run's results"
+    )
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="re-run only the last run's undetected mutants, against the tests as they are now",
+    )
+    args = parser.parse_args()
+    modules = args.modules or list(MODULES)
+    unknown = set(modules) - set(MODULES)
+    if unknown:
+        parser.error(f"unknown module(s): {', '.join(sorted(unknown))}")
+    equivalents = load_equivalents()
+
+    header = [
+        "module",
+        "mutants",
+        "killed",
+        "survived",
+        "timed out",
+        "equivalent",
+        "import-time",
+        "score",
+    ]
+    rows, survivors, stale = [], [], []
+    started = time.monotonic()
+    for module in modules:
+        if args.report:
+            elapsed = "-"
+        elif args.recheck:
+            missed = [n for n, st in results(module).items() if st not in ("killed", "timeout")]
+            missed = [n for n in missed if n not in equivalents]
+            elapsed = f"{run_module(module, args.jobs, missed):.0f}s" if missed else "-"
+        else:
+            elapsed = f"{run_module(module, args.jobs):.0f}s"
+        statuses = results(module)
+        rows.append(row(module, statuses, equivalents) + [elapsed])
+        for name, status in sorted(statuses.items(), key=natural):
+            if status in ("killed", "timeout"):
+                if name in equivalents:
+                    stale.append(name)
+            elif name not in equivalents or status != "survived":
+                survivors.append(f"{name}: {status}")
+        print(f"{module}: {rows[-1][-2]} in {elapsed}", file=sys.stderr, flush=True)
+
+    print("| " + " | ".join(header + ["time"]) + " |")
+    print("|" + "---|" * (len(header) + 1))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+    if not args.report:
+        print(f"\nTotal wall time {time.monotonic() - started:.0f}s with {args.jobs} jobs.")
+    print("survived = survived + no tests + suspicious; timeouts count as detected.")
+    print("score = (killed + timed out) / (mutants - equivalent - import-time).")
+    if survivors:
+        print("\nNot detected (see `cd mutants/<module> && mutmut show NAME`):")
+        print("\n".join("  " + s for s in survivors))
+    if stale:
+        print("\nListed as equivalent but killed (remove from the list):")
+        print("\n".join("  " + s for s in stale))
+
+
+if __name__ == "__main__":
+    main()
