@@ -14,12 +14,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import test_two_factor
 from flask import g, session
 from test_two_factor import two_factor_app
 
 from helpers import CSRF_RE, OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, stored_bytes
 from secure_app import auth, mail, mfa, recovery
 from secure_app.store import get_store
+
+audit_events = test_two_factor.audit_events  # the fixture, shared
 
 NEW_PASSWORD = "saffron kettle whistles beneath copper rain"
 LINK_RE = re.compile(r"^(https?://\S+)\r?$", re.M)
@@ -559,3 +562,110 @@ def test_recovery_pages_have_the_layout_and_no_5xx_for_odd_tokens(app, client) -
         response = client.get(path)
         assert response.status_code == 404
         assert "skip-link" in response.get_data(as_text=True)
+
+
+# -- boundaries and the parts the pages do not show ------------------------------------------
+
+
+def test_a_link_still_works_in_its_last_second(app, client, clock, alice) -> None:
+    link = reset_link(app, client)
+    clock.advance(app.config["PASSWORD_RESET_TIMEOUT"])
+    assert use_link(client, link).status_code == 303
+
+
+@pytest.mark.parametrize(("timeout", "minutes"), [(3600, 60), (900, 15), (30, 1)])
+def test_the_reset_mail_states_the_links_lifetime_in_whole_minutes(
+    tmp_path, monkeypatch, clock, timeout, minutes
+) -> None:
+    app = two_factor_app(
+        tmp_path,
+        monkeypatch,
+        PUBLIC_URL="https://www.example.org",
+        PASSWORD_RESET_TIMEOUT=timeout,
+    )
+    client = app.test_client()
+    verified_user(app, client, "alice", "alice@example.org")
+    reset_link(app, client)
+    assert f"within {minutes} minutes:" in body(outbox(app)[-1])
+
+
+def test_send_reset_links_counts_each_matching_account_and_skips_the_rest(
+    app, client, audit_events
+) -> None:
+    # The first accounts in the store do not match: the look-up goes on past them.
+    verified_user(app, client, "aaron", "aaron@example.org")
+    AuthActions(client).register("abel")  # no address at all
+    verified_user(app, client, "alice", "shared@example.org")
+    verified_user(app, client, "bob", "SHARED@example.org")
+    sent = len(outbox(app))
+    with app.app_context():
+        assert recovery.send_reset_links("shared@example.org") == 2
+        assert recovery.send_reset_links("nobody@example.org") == 0
+        # An empty address matches nobody, not the accounts that have none.
+        assert recovery.send_reset_links("") == 0
+        assert recovery.send_reset_links("   ") == 0
+    assert sorted(m["To"] for m in outbox(app)[sent:]) == [
+        "SHARED@example.org",
+        "shared@example.org",
+    ]
+    assert "password_reset" not in record(app, "abel")
+    assert "password_reset" not in record(app, "aaron")
+    sent_events = [e for e in audit_events() if e["event"] == "password_reset_sent"]
+    assert sorted(e["username"] for e in sent_events) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, {"address": "", "verified": False, "pending": False}),
+        (
+            {"email": "a@example.org"},
+            {"address": "a@example.org", "verified": False, "pending": False},
+        ),
+        (
+            {"email": "a@example.org", "email_verified": "a@example.org"},
+            {"address": "a@example.org", "verified": True, "pending": False},
+        ),
+        (
+            {"email": "a@example.org", "email_verify": {"address": "a@example.org"}},
+            {"address": "a@example.org", "verified": False, "pending": True},
+        ),
+        (
+            {"email": "b@example.org", "email_verify": {"address": "a@example.org"}},
+            {"address": "b@example.org", "verified": False, "pending": False},
+        ),
+        (
+            {"email": "", "email_verify": {"address": ""}},
+            {"address": "", "verified": False, "pending": False},
+        ),
+    ],
+)
+def test_email_status_is_pending_only_for_a_link_sent_to_the_typed_address(
+    fields, expected
+) -> None:
+    assert recovery.email_status(fields) == expected
+
+
+def test_the_old_address_is_told_the_new_one_masked(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "zoe.smith@new.example")
+    notice = next(m for m in outbox(app)[sent:] if m["To"] == "alice@example.org")
+    assert "The new address is z***@new.example." in body(notice)
+    assert "zoe.smith" not in body(notice)
+
+
+def test_an_address_change_is_an_event_on_the_security_page(app, client, alice) -> None:
+    AuthActions(client).login()
+    change_email(app, client, "alice@new.example")
+    assert "Email address changed" in client.get("/security").get_data(as_text=True)
+
+
+def test_a_forgot_password_post_without_an_email_field_is_a_form_error(
+    tmp_path, monkeypatch, clock
+) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, RATELIMIT_ENABLED=True)
+    client = app.test_client()
+    token = csrf_token(client, "/forgot-password")
+    response = client.post("/forgot-password", data={"csrf_token": token})
+    assert response.status_code == 422
