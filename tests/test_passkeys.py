@@ -558,12 +558,13 @@ def test_a_passkey_sign_in_with_an_unknown_handle_or_credential_is_refused(
 def test_the_write_after_a_check_refuses_a_passkey_removed_or_used_meanwhile():
     key = {"id": "abc", "public_key": "x", "sign_count": 3, "last_used": 0}
     record = {"username": "alice", "password_hash": "h", "passkeys": [key]}
+    original = json.loads(json.dumps(record))
     claim = passkeys._claim("abc", 3, 4, "challenge", 1000)
     assert claim({**record, "passkeys": []}) is None  # removed meanwhile
     assert claim({**record, "passkeys": [{**key, "sign_count": 4}]}) is None  # used meanwhile
     done = claim(record)
     assert done["passkeys"] == [{**key, "sign_count": 4, "last_used": 1000}]
-    assert record["passkeys"] == [key]  # the record it was given is not changed in place
+    assert record == original  # the record it was given is not changed in place
     assert claim({**done, "passkeys": [key]}) is None  # the same challenge, answered again
 
 
@@ -649,3 +650,105 @@ def test_garbage_credentials_are_refused_without_a_5xx(app, garbage_clients, val
     response = finish(client, action, token, value)
     assert response.status_code == 303, response.status_code
     assert stored_bytes(app) == before and who(client) == uid
+
+
+# -- the parts each attack above does not reach on its own -----------------------------------
+
+
+def test_a_counting_authenticator_that_presents_zero_is_refused(
+    app, logged_in, alice_key, audit_lines
+):
+    # Zero is what a synced passkey always sends; after a real count it is a clone's answer.
+    log_out(logged_in)
+    assert passkey_login(logged_in, alice_key, count=2).headers["Location"] == "/account-details"
+    log_out(logged_in)
+    before = stored_bytes(app)
+    refused_login(app, logged_in, passkey_login(logged_in, alice_key, count=0), before)
+    lowered = [e for e in audit_lines.events if e["event"] == "passkey_sign_count_lowered"]
+    assert [(e["username"], e["stored"], e["presented"]) for e in lowered] == [("alice", 2, 0)]
+
+
+def test_a_bad_signature_is_refused_and_audited_with_the_error(
+    app, logged_in, alice_key, audit_lines
+):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin_of(app))
+    signature = bytearray(unb64(credential["response"]["signature"]))
+    signature[-1] ^= 1
+    credential["response"]["signature"] = b64(bytes(signature))
+    before = stored_bytes(app)
+    refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
+    refused = [e for e in audit_lines.events if e["event"] == "passkey_refused"]
+    assert len(refused) == 1 and refused[0]["username"] == "alice"
+    assert refused[0]["reason"] == "InvalidAuthenticationResponse"
+
+
+def test_a_refused_claim_changes_nothing_and_a_granted_one_replaces_the_record():
+    record = {"username": "alice", "passkeys": [{"id": "abc"}]}
+    assert passkeys._as_change(lambda r: None)(record) is False
+    assert record == {"username": "alice", "passkeys": [{"id": "abc"}]}
+    claimed = {"username": "alice", "passkeys": [{"id": "abc", "last_used": 5}]}
+    assert passkeys._as_change(lambda r: claimed)(record) is True
+    assert record == claimed
+
+
+def test_a_known_user_handle_is_found_without_a_pass_over_every_record(
+    app, logged_in, alice_key, monkeypatch
+):
+    log_out(logged_in)
+    assert passkey_login(logged_in, alice_key).status_code == 303  # learns alice's handle
+    log_out(logged_in)
+    with app.app_context():
+        store = get_store()
+    passes = []
+    real_keys = store.keys
+
+    def counting_keys():
+        passes.append(1)
+        return real_keys()
+
+    monkeypatch.setattr(store, "keys", counting_keys)
+    assert passkey_login(logged_in, alice_key).headers["Location"] == "/account-details"
+    assert passes == []
+    # The account is deleted: its remembered handle names nobody now, and nothing breaks.
+    log_out(logged_in)
+    with app.app_context():
+        assert get_store().delete("alice")
+    before = stored_bytes(app)
+    refused_login(app, logged_in, passkey_login(logged_in, alice_key), before)
+    assert passes == [1]
+
+
+def test_rename_and_remove_name_the_passkey_and_refuse_an_unknown_one(app, logged_in, alice_key):
+    key_id = b64(alice_key.credential_id)
+    token = csrf_token(logged_in, "/security")
+    before = stored_bytes(app)
+    for url, fields in [
+        ("/security/passkeys/rename", {"passkey": "AAAA", "name": "x"}),
+        ("/security/passkeys/remove", {"passkey": "AAAA"}),
+    ]:
+        response = logged_in.post(url, data={"csrf_token": token, **fields})
+        assert response.status_code == 303
+        page = logged_in.get("/security").get_data(as_text=True)
+        assert "That passkey is not on this account any more." in page
+    assert stored_bytes(app) == before
+    logged_in.post("/security/passkeys/remove", data={"csrf_token": token, "passkey": key_id})
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert "Passkey \u201cLaptop\u201d removed. It no longer signs in." in page
+    assert "Passkey removed" in page  # the recent-events list
+    kinds = [(e["k"], e.get("name")) for e in record(app)["events"]]
+    assert ("passkey_removed", "Laptop") in kinds
+
+
+def test_a_user_with_totp_too_can_rename_a_passkey(app, logged_in, alice_key):
+    with app.app_context():
+        fields, _ = mfa.enable_totp("alice", mfa.new_secret(), 0, int(time.time()))
+        get_store().update("alice", lambda r: r.update(fields))
+    token = csrf_token(logged_in, "/security")
+    response = logged_in.post(
+        "/security/passkeys/rename",
+        data={"csrf_token": token, "passkey": b64(alice_key.credential_id), "name": "Phone"},
+    )
+    assert response.status_code == 303
+    assert record(app)["passkeys"][0]["name"] == "Phone"
