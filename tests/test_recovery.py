@@ -669,3 +669,81 @@ def test_a_forgot_password_post_without_an_email_field_is_a_form_error(
     token = csrf_token(client, "/forgot-password")
     response = client.post("/forgot-password", data={"csrf_token": token})
     assert response.status_code == 422
+
+
+def test_changing_back_to_the_verified_address_sends_nothing_and_kills_the_pending_link(
+    app, client, alice, audit_events
+) -> None:
+    AuthActions(client).login()
+    assert change_email(app, client, "alice@new.example") == "pending"
+    pending_link = link_of(last_to(app, "alice@new.example"))
+    sent = len(outbox(app))
+    assert change_email(app, client, "alice@example.org") == "verified"
+    assert len(outbox(app)) == sent  # no link, no notice
+    rec = record(app)
+    assert rec["email"] == rec["email_verified"] == "alice@example.org"
+    assert "email_verify" not in rec
+    assert client.get(path_of(pending_link)).status_code == 404
+    requested = [e for e in audit_events() if e["event"] == "email_change_requested"]
+    assert [(e["username"], e["outcome"]) for e in requested] == [
+        ("alice", "pending"),
+        ("alice", "verified"),
+    ]
+
+
+def test_the_mails_of_an_address_change_greet_the_account(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "alice@new.example")
+    for message in outbox(app)[sent:]:
+        assert body(message).startswith("Hello alice,"), message["To"]
+
+
+def test_a_change_of_case_only_is_verified_again_but_tells_the_old_address_nothing(
+    app, client, alice
+) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    assert change_email(app, client, "Alice@Example.org") == "pending"
+    assert [m["To"] for m in outbox(app)[sent:]] == ["Alice@Example.org"]
+
+
+def test_a_first_address_tells_nobody_else(app, client) -> None:
+    AuthActions(client).register()
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    assert change_email(app, client, "alice@example.org") == "pending"
+    assert [m["To"] for m in outbox(app)[sent:]] == ["alice@example.org"]
+
+
+def test_removing_the_address_notice_names_no_new_one(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "")
+    (notice,) = outbox(app)[sent:]
+    assert "new address" not in body(notice) and "None" not in body(notice)
+    assert "XXXX" not in body(notice)
+    assert record(app)["email_verified"] is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        123,
+        "YWxpY2U",  # no dot, no secret
+        "YWxpY2U.short",  # a secret of the wrong length
+        "YWxpY2U." + "A" * 42 + "!",  # a character outside base64url
+        "YWxpY2V." + "A" * 43,  # a second spelling of "alice" (base64's spare bits)
+        "QUxJQ0U." + "A" * 43,  # "ALICE": not a username
+        "!!!." + "A" * 43,
+    ],
+)
+def test_token_user_refuses_every_malformed_token(token) -> None:
+    assert recovery.token_user(token) is None
+
+
+def test_token_user_reads_the_username_of_a_real_token() -> None:
+    for name in ("alice", "bob", "a.b-c_d", "x" * 32):
+        token, _ = recovery.new_token(name)
+        assert recovery.token_user(token) == name
