@@ -747,3 +747,26 @@ def test_token_user_reads_the_username_of_a_real_token() -> None:
     for name in ("alice", "bob", "a.b-c_d", "x" * 32):
         token, _ = recovery.new_token(name)
         assert recovery.token_user(token) == name
+
+
+def test_an_address_changed_between_look_up_and_write_gets_no_link_and_the_rest_do(
+    app, client, monkeypatch
+) -> None:
+    verified_user(app, client, "aaron", "shared@example.org")
+    verified_user(app, client, "alice", "shared@example.org")
+    with app.app_context():
+        store = get_store()
+        real_get = store.get
+
+        def get_then_change(username):
+            found = real_get(username)
+            if username == "aaron":  # the owner changes the address right after the read
+                store.update("aaron", lambda r: r.update(email_verified="new@example.org"))
+            return found
+
+        monkeypatch.setattr(store, "get", get_then_change)
+        sent = len(outbox(app))
+        assert recovery.send_reset_links("shared@example.org") == 1
+    assert [m["To"] for m in outbox(app)[sent:]] == ["shared@example.org"]
+    assert "password_reset" not in record(app, "aaron")
+    assert "password_reset" in record(app, "alice")
