@@ -752,3 +752,72 @@ def test_a_user_with_totp_too_can_rename_a_passkey(app, logged_in, alice_key):
     )
     assert response.status_code == 303
     assert record(app)["passkeys"][0]["name"] == "Phone"
+
+
+def test_the_sign_in_page_asks_for_a_verified_passkey_within_the_challenges_life(app, client):
+    response = begin(client, "/login/passkey")
+    options, action, _ = ceremony(response)
+    assert options["timeout"] == passkeys.TIMEOUT * 1000  # milliseconds
+    assert options["userVerification"] == "required"
+    page = response.get_data(as_text=True)
+    assert 'data-ceremony="get"' in page and action == "/login/passkey/verify"
+    assert "<h1>Sign in with a passkey</h1>" in page
+    assert "<p>Use the passkey for this site: your device will ask" in page
+    assert '<a href="/login">Go back</a>' in page
+
+
+def test_refusals_of_an_assertion_are_audited_with_the_user_and_why(
+    app, logged_in, alice_key, audit_lines
+):
+    _, bob_key = second_client_with_passkey(app)
+    make_stale(logged_in)
+    options, action, token = ceremony(
+        begin(logged_in, "/reauthenticate/passkey?next=/security", "/security")
+    )
+    finish(logged_in, action, token, bob_key.get(options, origin_of(app)))
+    token = csrf_token(logged_in, "/security")
+    finish(logged_in, action, token, alice_key.get(options, origin_of(app)))  # challenge spent
+    refused = [
+        (e["username"], e["reason"]) for e in audit_lines.events if e["event"] == "passkey_refused"
+    ]
+    assert refused == [("alice", "not a passkey of this user"), ("alice", "no live challenge")]
+
+
+@pytest.mark.parametrize("handle", ["", None])
+def test_an_assertion_without_a_user_handle_is_checked_by_its_credential(
+    app, logged_in, alice_key, handle
+):
+    # Authenticators may leave the handle out (null or empty) outside discoverable sign-in.
+    make_stale(logged_in)
+    options, action, token = ceremony(
+        begin(logged_in, "/reauthenticate/passkey?next=/security", "/security")
+    )
+    credential = alice_key.get(options, origin_of(app))
+    credential["response"]["userHandle"] = handle
+    response = finish(logged_in, action, token, credential)
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+
+
+@pytest.mark.parametrize("handle", [5, ["x"], "A" * 128])
+def test_an_assertion_with_a_foreign_or_malformed_handle_is_refused(
+    app, logged_in, alice_key, handle
+):
+    make_stale(logged_in)
+    options, action, token = ceremony(
+        begin(logged_in, "/reauthenticate/passkey?next=/security", "/security")
+    )
+    credential = alice_key.get(options, origin_of(app))
+    credential["response"]["userHandle"] = handle
+    before = stored_bytes(app)
+    response = finish(logged_in, action, token, credential)
+    assert response.status_code == 303 and "/reauthenticate" in response.headers["Location"]
+    assert stored_bytes(app) == before
+
+
+def test_an_assertion_whose_response_is_not_an_object_is_refused(app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin_of(app))
+    credential["response"] = "not an object"
+    before = stored_bytes(app)
+    refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
