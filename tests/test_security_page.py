@@ -557,3 +557,12 @@ def test_a_session_ended_in_one_worker_is_dead_in_every_worker(tmp_path):
 )
 def test_last_activity_is_said_no_finer_than_the_record_knows_it(seconds: int, text: str) -> None:
     assert _ago(seconds) == text
+
+
+def test_each_session_says_when_it_started_and_was_last_active(app, clock):
+    started = int(clock.now)
+    client = logged_in(app)
+    clock.advance(120)
+    page = client.get("/security").get_data(as_text=True)
+    shown = re.findall(r"signed in ([^<]+?) · last active ([^<]+?)</p>", page)
+    assert shown == [(events.when(started), "in the last 5 minutes")]
