@@ -742,3 +742,17 @@ def test_turning_totp_off_is_an_event_on_the_security_page(app, client, clock, e
     assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
     post(client, "/security/totp/disable")
     assert "Authenticator app turned off" in client.get("/security").get_data(as_text=True)
+
+
+def test_deleting_the_account_ends_a_pending_login(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    token = csrf_token(owner, "/account-details")
+    owner.post("/delete-account", data={"password": PASSWORD, "csrf_token": token})
+    assert record(app) is None
+    clock.next_step()
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None and record(app) is None
