@@ -821,3 +821,29 @@ def test_an_assertion_whose_response_is_not_an_object_is_refused(app, logged_in,
     credential["response"] = "not an object"
     before = stored_bytes(app)
     refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
+
+
+def test_a_challenge_still_works_in_its_last_second(clock, app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    clock.advance(passkeys.TIMEOUT)
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.headers["Location"] == "/account-details"
+
+
+def test_answered_challenges_are_forgotten_once_they_could_not_be_replayed(
+    clock, app, logged_in, alice_key
+):
+    # The record keeps only the answered challenges that are still live: it does not grow.
+    for _ in range(3):
+        log_out(logged_in)
+        assert passkey_login(logged_in, alice_key).headers["Location"] == "/account-details"
+        clock.advance(passkeys.TIMEOUT + 1)
+    assert len(record(app)["passkey_challenges"]) == 1
+
+
+def test_a_refused_passkey_change_is_shown_as_an_error(app, logged_in, alice_key):
+    token = csrf_token(logged_in, "/security")
+    logged_in.post("/security/passkeys/remove", data={"csrf_token": token, "passkey": "AAAA"})
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert '<p class="flash flash-error">That passkey is not on this account any more.</p>' in page
