@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import OTHER_PASSWORD, AuthActions, csrf_token, stored_bytes
-from secure_app import mfa, passkeys
+from secure_app import events, mfa, passkeys
 from secure_app.store import get_store
 
 UP, UV, AT = 0x01, 0x04, 0x40
@@ -847,3 +847,17 @@ def test_a_refused_passkey_change_is_shown_as_an_error(app, logged_in, alice_key
     logged_in.post("/security/passkeys/remove", data={"csrf_token": token, "passkey": "AAAA"})
     page = logged_in.get("/security").get_data(as_text=True)
     assert '<p class="flash flash-error">That passkey is not on this account any more.</p>' in page
+
+
+def test_the_security_page_lists_each_passkey_with_its_name_id_and_dates(app, logged_in, alice_key):
+    key_id = b64(alice_key.credential_id)
+    stored = record(app)["passkeys"][0]
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert '<strong class="passkey-name">Laptop</strong>' in page
+    assert page.count(f'name="passkey" value="{key_id}"') == 2  # rename and remove
+    assert f"Added {events.when(stored['created'])}; last used never." in page
+    log_out(logged_in)
+    assert passkey_login(logged_in, alice_key).headers["Location"] == "/account-details"
+    used = record(app)["passkeys"][0]["last_used"]
+    page = logged_in.get("/security").get_data(as_text=True)
+    assert f"; last used {events.when(used)}." in page
