@@ -24,6 +24,7 @@ list can be pruned. A reason starting with "import-time:" marks a mutant mutmut 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -67,12 +68,37 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "tests/test_account_email.py::test_a_password_change_is_notified_to_the_verified_address",
         ],
     ),
-    "store": ("secure_app/store.py", ["tests/test_store.py", "tests/test_store_faults.py"]),
+    # The contract and the state machine run on both backends (PostgreSQL: a server this
+    # script starts once for every run, see main); the faults that stop a server are slow tests.
+    "store_text": (
+        "secure_app/store/text.py",
+        [
+            "tests/test_store.py",
+            "tests/test_store_contract.py",
+            "tests/test_store_faults.py",
+            "tests/test_store_stateful.py",
+        ],
+    ),
+    "store_postgres": (
+        "secure_app/store/postgres.py",
+        [
+            "tests/test_store_contract.py",
+            "tests/test_store_postgres.py",
+            "tests/test_store_stateful.py",
+        ],
+    ),
+    "transfer": ("secure_app/store/transfer.py", ["tests/test_transfer.py"]),
     "mfa": ("secure_app/mfa.py", ["tests/test_mfa.py"]),
-    "two_factor": ("secure_app/two_factor.py", ["tests/test_two_factor.py"]),
+    "two_factor": (
+        "secure_app/two_factor.py",
+        ["tests/test_two_factor.py", "tests/test_two_factor_races.py"],
+    ),
     "reauth": ("secure_app/reauth.py", ["tests/test_two_factor.py", "tests/test_passkeys.py"]),
     "passkeys": ("secure_app/passkeys.py", ["tests/test_passkeys.py"]),
-    "recovery": ("secure_app/recovery.py", ["tests/test_recovery.py"]),
+    "recovery": (
+        "secure_app/recovery.py",
+        ["tests/test_recovery.py", "tests/test_recovery_fuzz.py"],
+    ),
     "events": ("secure_app/events.py", ["tests/test_security_page.py"]),
     "security_page": ("secure_app/security_page.py", ["tests/test_security_page.py"]),
     "account": (
@@ -220,6 +246,13 @@ def main() -> None:
     ]
     rows, survivors, stale = [], [], []
     started = time.monotonic()
+    servers = contextlib.ExitStack()
+    if not args.report and any(m.startswith(("store", "transfer")) for m in modules):
+        # One PostgreSQL for every pytest run mutmut starts (each would otherwise start its own).
+        sys.path.insert(0, str(ROOT))
+        from tests.servers import Postgres
+
+        os.environ["SECURE_APP_TEST_POSTGRES"] = str(servers.enter_context(Postgres()))
     for module in modules:
         if args.report:
             elapsed = "-"
@@ -253,6 +286,7 @@ def main() -> None:
     if stale:
         print("\nListed as equivalent but killed (remove from the list):")
         print("\n".join("  " + s for s in stale))
+    servers.close()
 
 
 if __name__ == "__main__":

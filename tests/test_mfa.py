@@ -312,3 +312,253 @@ def test_a_malformed_key_file_is_refused_not_replaced(ctx, tmp_path) -> None:
     (folder / mfa.KEY_FILE).write_text('{"current": "not a fernet key", "fallbacks": []}')
     with pytest.raises(RuntimeError, match="not a Fernet key"):
         mfa.encrypt_secret("alice", SECRET)
+
+
+# -- boundaries and the record helpers ---------------------------------------------------------
+
+
+def test_spaced_secret_is_groups_of_four_that_join_back_to_the_secret() -> None:
+    groups = mfa.spaced(SECRET).split(" ")
+    assert [len(g) for g in groups] == [4] * 8
+    assert "".join(groups) == SECRET
+
+
+def test_code_input_is_taken_up_to_its_length_limit_and_refused_beyond() -> None:
+    totp = "123456".rjust(mfa.MAX_CODE_INPUT)
+    assert mfa.normalize_totp(totp) == "123456"
+    assert mfa.normalize_totp(" " + totp) is None
+    code = mfa.new_recovery_codes()[0]
+    padded = code.ljust(mfa.MAX_CODE_INPUT)
+    assert mfa.normalize_recovery(padded) == code.replace("-", "")
+    assert mfa.normalize_recovery(padded + " ") is None
+
+
+def test_recovery_code_characters_are_all_drawn_at_random() -> None:
+    # 240 characters from 30: a letter that fills a fifth of them is not chance.
+    chars = "".join(mfa.new_recovery_codes()).replace("-", "")
+    assert len(chars) == 240
+    assert max(chars.count(c) for c in set(chars)) < 48
+
+
+def test_recovery_hash_salt_is_128_bits() -> None:
+    salt_hex, _, digest = mfa.hash_recovery("ABCD" * 6).partition("$")
+    assert len(bytes.fromhex(salt_hex)) == 16 and len(digest) == 64
+
+
+def test_a_corrupt_recovery_entry_does_not_hide_the_codes_after_it() -> None:
+    plain = mfa.normalize_recovery(mfa.new_recovery_codes()[0])
+    stored = mfa.hash_recovery(plain)
+    assert mfa.find_recovery(["zz$00", "not hex$", stored], plain) == stored
+
+
+def test_qr_code_is_black_on_white_with_its_class_and_title() -> None:
+    # Scanners need dark modules on a light background; the page's CSS sizes the class.
+    svg = str(mfa.qr_svg(mfa.provisioning_uri(SECRET, "alice")))
+    assert 'class="totp-qr"' in svg
+    assert "<title>QR code for your app</title>" in svg
+    assert 'stroke="#000"' in svg and 'fill="#fff"' in svg
+    assert svg.count('role="img"') == 1
+    # No stylesheet sizes it: the module scale makes it big enough to scan from a screen.
+    width = int(re.search(r'width="(\d+)"', svg).group(1))
+    assert width >= 200
+
+
+@pytest.mark.parametrize(
+    ("record", "totp", "factor"),
+    [
+        (None, False, False),
+        ({}, False, False),
+        ({"totp": "not a dict"}, False, False),
+        ({"totp": {"id": "f1"}}, True, True),
+        ({"passkeys": [{"id": "k1"}]}, False, True),
+        ({"passkeys": ["junk", 7]}, False, False),
+        ({"passkeys": {"id": "k1"}}, False, False),
+    ],
+)
+def test_which_records_have_a_factor(record, totp: bool, factor: bool) -> None:
+    assert mfa.has_totp(record) is totp
+    assert mfa.has_factor(record) is factor
+
+
+def test_passkeys_of_keeps_the_well_formed_keys_in_order() -> None:
+    keys = [{"id": "a"}, "junk", {"id": "b"}, None]
+    assert mfa.passkeys_of({"passkeys": keys}) == [{"id": "a"}, {"id": "b"}]
+    assert mfa.passkeys_of({"passkeys": "abc"}) == []
+    assert mfa.passkeys_of(None) == [] and mfa.passkeys_of({}) == []
+
+
+def test_factor_id_and_recovery_left_read_the_record_defensively() -> None:
+    assert mfa.factor_id({"totp": {"id": "f1"}}) == "f1"
+    for record in (None, {}, {"totp": "f1"}, {"totp": {}}):
+        assert mfa.factor_id(record) is None
+    assert mfa.recovery_left({"recovery_codes": ["a", "b", "c"]}) == 3
+    for record in (None, {}, {"recovery_codes": "abc"}, {"recovery_codes": None}):
+        assert mfa.recovery_left(record) == 0
+
+
+def test_removing_totp_keeps_passkeys_and_removing_factors_drops_all() -> None:
+    def full() -> dict:
+        return {
+            "username": "alice",
+            "totp": {"id": "f1"},
+            "recovery_codes": ["x"],
+            "passkeys": [{"id": "k"}],
+            "passkey_challenges": {"c": 1},
+        }
+
+    record = full()
+    mfa.remove_totp(record)
+    assert record == {
+        "username": "alice",
+        "passkeys": [{"id": "k"}],
+        "passkey_challenges": {"c": 1},
+    }
+    record = full()
+    mfa.remove_factors(record)
+    assert record == {"username": "alice"}
+    mfa.remove_factors(record)  # nothing left to remove is not an error
+    assert record == {"username": "alice"}
+
+
+def test_enabling_totp_stores_the_step_time_and_hashed_codes(ctx) -> None:
+    step = mfa.step_at(NOW)
+    fields, codes = mfa.enable_totp("alice", SECRET, step, NOW)
+    totp = fields["totp"]
+    assert set(fields) == {"totp", "recovery_codes"}
+    assert set(totp) == {"id", "secret", "last_step", "added"}
+    assert re.fullmatch(r"[0-9a-f]{16}", totp["id"])  # 64 random bits
+    assert totp["last_step"] == step and totp["added"] == NOW
+    assert mfa.decrypt_secret("alice", totp["secret"]) == SECRET
+    assert len(codes) == len(fields["recovery_codes"]) == mfa.RECOVERY_COUNT
+    for code, stored in zip(codes, fields["recovery_codes"], strict=True):
+        assert mfa.find_recovery([stored], mfa.normalize_recovery(code)) == stored
+    assert mfa.recovery_hashes(codes) != fields["recovery_codes"]  # a fresh salt each time
+
+
+def _record(username: str = "alice", last_step: int | None = None) -> dict:
+    fields, codes = mfa.enable_totp(username, SECRET, 0, NOW)
+    if last_step is None:
+        del fields["totp"]["last_step"]
+    else:
+        fields["totp"]["last_step"] = last_step
+    record = new_user(username, "hash")
+    record.update(fields)
+    record["plain_codes"] = codes
+    return record
+
+
+def test_check_code_matches_the_current_totp_and_refuses_a_used_step(ctx) -> None:
+    step = mfa.step_at(NOW)
+    code = mfa.code_at(SECRET, step)
+    assert mfa.check_code(_record(), code, NOW) == mfa.Match("totp", step=step)
+    assert mfa.check_code(_record(last_step=step - 1), code, NOW) == mfa.Match("totp", step=step)
+    assert mfa.check_code(_record(last_step=step), code, NOW) is None
+    assert mfa.check_code(_record(), mfa.code_at(SECRET, step + 1), NOW) is None
+    no_totp = new_user("alice", "hash")
+    assert mfa.check_code(no_totp, code, NOW) is None
+
+
+def test_check_code_matches_a_recovery_code_in_any_form(ctx) -> None:
+    record = _record()
+    code = record["plain_codes"][3]
+    for typed in (code, code.lower(), code.replace("-", " ")):
+        match = mfa.check_code(record, typed, NOW)
+        assert match == mfa.Match("recovery", stored=record["recovery_codes"][3])
+    record["recovery_codes"].pop(3)
+    assert mfa.check_code(record, code, NOW) is None
+    assert mfa.check_code(new_user("alice", "hash"), code, NOW) is None
+    assert mfa.check_code(record, "not a code", NOW) is None
+
+
+def test_consuming_a_totp_match_moves_last_step_once(ctx) -> None:
+    record = _record(last_step=10)
+    assert mfa.consume(mfa.Match("totp", step=11))(record) is True
+    assert record["totp"]["last_step"] == 11
+    assert mfa.consume(mfa.Match("totp", step=11))(record) is False  # raced: already used
+    assert mfa.consume(mfa.Match("totp", step=5))(record) is False
+    assert record["totp"]["last_step"] == 11
+    fresh = _record()  # no last_step yet: any step counts as new
+    assert mfa.consume(mfa.Match("totp", step=0))(fresh) is True
+    assert fresh["totp"]["last_step"] == 0
+
+
+def test_consuming_a_recovery_match_removes_that_code_only_once(ctx) -> None:
+    record = _record()
+    stored = list(record["recovery_codes"])
+    assert mfa.consume(mfa.Match("recovery", stored=stored[2]))(record) is True
+    assert record["recovery_codes"] == stored[:2] + stored[3:]
+    assert mfa.consume(mfa.Match("recovery", stored=stored[2]))(record) is False
+    assert record["recovery_codes"] == stored[:2] + stored[3:]
+    empty = {"username": "alice"}
+    assert mfa.consume(mfa.Match("recovery", stored=stored[0]))(empty) is False
+    assert "recovery_codes" not in empty
+
+
+def test_guarded_update_writes_only_while_password_and_factor_are_unchanged(ctx) -> None:
+    record = _record()
+    del record["plain_codes"]
+    assert get_store().create("alice", record)
+    factor = record["totp"]["id"]
+
+    def mark(r: dict) -> None:
+        r["bio"] = "written"
+
+    assert mfa.guarded_update("alice", "other hash", factor, mark) is False
+    assert mfa.guarded_update("alice", "hash", "other factor", mark) is False
+    assert mfa.guarded_update("alice", "hash", factor, lambda r: mark(r) or False) is False
+    assert mfa.guarded_update("nobody", "hash", factor, mark) is False
+    assert get_store().get("alice")["bio"] == ""
+    assert mfa.guarded_update("alice", "hash", factor, mark) is True  # None is not a refusal
+    assert get_store().get("alice")["bio"] == "written"
+    plain = new_user("bob", "hash")
+    assert get_store().create("bob", plain)
+    assert mfa.guarded_update("bob", "hash", None, mark) is True  # no factor: None matches
+
+
+def test_a_stored_secret_that_does_not_decrypt_is_logged_for_the_operator(ctx, caplog) -> None:
+    token = mfa.encrypt_secret("alice", SECRET)
+    with caplog.at_level("ERROR", logger="secure_app.mfa"):
+        assert mfa.decrypt_secret("alice", token[:-4] + "AAAA") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"a stored TOTP secret does not decrypt: is {mfa.KEY_FILE} the right key file?"
+    ]
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="secure_app.mfa"):
+        # An expired enrolment form is the user's business, not the operator's.
+        expired = mfa.enrol_token("alice", SECRET, NOW)
+        assert mfa.open_enrol_token("alice", expired, NOW + mfa.ENROL_TTL + 1) is None
+    assert caplog.records == []
+
+
+def test_the_key_file_is_read_once_per_version(ctx, monkeypatch) -> None:
+    calls = []
+    real = mfa.load_keys
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mfa, "load_keys", counting)
+    token = mfa.encrypt_secret("alice", SECRET)
+    for _ in range(3):
+        assert mfa.decrypt_secret("alice", token) == SECRET
+    assert len(calls) == 0  # read once already, when the app started (mfa.init_app)
+    mfa.rotate_key()
+    assert mfa.decrypt_secret("alice", token) == SECRET
+    for _ in range(3):
+        assert mfa.decrypt_secret("alice", token) == SECRET
+    assert len(calls) == 1  # the new version, once
+
+
+def test_the_key_folder_is_created_private(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLASK_INSTANCE_PATH", str(tmp_path / "fresh" / "instance"))
+    app = make_app(tmp_path)
+    with app.app_context():
+        mfa.encrypt_secret("alice", SECRET)
+    assert (tmp_path / "fresh" / "instance").stat().st_mode & 0o777 == 0o700
+
+
+def test_rotate_key_moves_every_secret_past_users_without_a_factor(ctx) -> None:
+    assert get_store().create("aaron", new_user("aaron", "hash"))  # no factor, listed first
+    _store_totp_user("alice")
+    assert mfa.rotate_key() == (1, [])

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import test_two_factor
 from flask import g, session
 from test_two_factor import two_factor_app
 
@@ -28,6 +29,8 @@ from helpers import (
 )
 from secure_app import auth, mail, mfa, recovery
 from secure_app.store import get_store
+
+audit_events = test_two_factor.audit_events  # the fixture, shared
 
 NEW_PASSWORD = "saffron kettle whistles beneath copper rain"
 LINK_RE = re.compile(r"^(https?://\S+)\r?$", re.M)
@@ -567,3 +570,211 @@ def test_recovery_pages_have_the_layout_and_no_5xx_for_odd_tokens(app, client) -
         response = client.get(path)
         assert response.status_code == 404
         assert "skip-link" in response.get_data(as_text=True)
+
+
+# -- boundaries and the parts the pages do not show ------------------------------------------
+
+
+def test_a_link_still_works_in_its_last_second(app, client, clock, alice) -> None:
+    link = reset_link(app, client)
+    clock.advance(app.config["PASSWORD_RESET_TIMEOUT"])
+    assert use_link(client, link).status_code == 303
+
+
+@pytest.mark.parametrize(("timeout", "minutes"), [(3600, 60), (900, 15), (30, 1)])
+def test_the_reset_mail_states_the_links_lifetime_in_whole_minutes(
+    tmp_path, monkeypatch, clock, timeout, minutes
+) -> None:
+    app = two_factor_app(
+        tmp_path,
+        monkeypatch,
+        PUBLIC_URL="https://www.example.org",
+        PASSWORD_RESET_TIMEOUT=timeout,
+    )
+    client = app.test_client()
+    verified_user(app, client, "alice", "alice@example.org")
+    reset_link(app, client)
+    assert f"within {minutes} minutes:" in body(outbox(app)[-1])
+
+
+def test_send_reset_links_counts_each_matching_account_and_skips_the_rest(
+    app, client, audit_events
+) -> None:
+    # The first accounts in the store do not match: the look-up goes on past them.
+    verified_user(app, client, "aaron", "aaron@example.org")
+    AuthActions(client).register("abel")  # no address at all
+    verified_user(app, client, "alice", "shared@example.org")
+    verified_user(app, client, "bob", "SHARED@example.org")
+    sent = len(outbox(app))
+    with app.app_context():
+        assert recovery.send_reset_links("shared@example.org") == 2
+        assert recovery.send_reset_links("nobody@example.org") == 0
+        # An empty address matches nobody, not the accounts that have none.
+        assert recovery.send_reset_links("") == 0
+        assert recovery.send_reset_links("   ") == 0
+    assert sorted(m["To"] for m in outbox(app)[sent:]) == [
+        "SHARED@example.org",
+        "shared@example.org",
+    ]
+    assert "password_reset" not in record(app, "abel")
+    assert "password_reset" not in record(app, "aaron")
+    sent_events = [e for e in audit_events() if e["event"] == "password_reset_sent"]
+    assert sorted(e["username"] for e in sent_events) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, {"address": "", "verified": False, "pending": False}),
+        (
+            {"email": "a@example.org"},
+            {"address": "a@example.org", "verified": False, "pending": False},
+        ),
+        (
+            {"email": "a@example.org", "email_verified": "a@example.org"},
+            {"address": "a@example.org", "verified": True, "pending": False},
+        ),
+        (
+            {"email": "a@example.org", "email_verify": {"address": "a@example.org"}},
+            {"address": "a@example.org", "verified": False, "pending": True},
+        ),
+        (
+            {"email": "b@example.org", "email_verify": {"address": "a@example.org"}},
+            {"address": "b@example.org", "verified": False, "pending": False},
+        ),
+        (
+            {"email": "", "email_verify": {"address": ""}},
+            {"address": "", "verified": False, "pending": False},
+        ),
+    ],
+)
+def test_email_status_is_pending_only_for_a_link_sent_to_the_typed_address(
+    fields, expected
+) -> None:
+    assert recovery.email_status(fields) == expected
+
+
+def test_the_old_address_is_told_the_new_one_masked(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "zoe.smith@new.example")
+    notice = next(m for m in outbox(app)[sent:] if m["To"] == "alice@example.org")
+    assert "The new address is z***@new.example." in body(notice)
+    assert "zoe.smith" not in body(notice)
+
+
+def test_an_address_change_is_an_event_on_the_security_page(app, client, alice) -> None:
+    AuthActions(client).login()
+    change_email(app, client, "alice@new.example")
+    assert "Email address changed" in client.get("/security").get_data(as_text=True)
+
+
+def test_a_forgot_password_post_without_an_email_field_is_a_form_error(
+    tmp_path, monkeypatch, clock
+) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, RATELIMIT_ENABLED=True)
+    client = app.test_client()
+    token = csrf_token(client, "/forgot-password")
+    response = client.post("/forgot-password", data={"csrf_token": token})
+    assert response.status_code == 422
+
+
+def test_changing_back_to_the_verified_address_sends_nothing_and_kills_the_pending_link(
+    app, client, alice, audit_events
+) -> None:
+    AuthActions(client).login()
+    assert change_email(app, client, "alice@new.example") == "pending"
+    pending_link = link_of(last_to(app, "alice@new.example"))
+    sent = len(outbox(app))
+    assert change_email(app, client, "alice@example.org") == "verified"
+    assert len(outbox(app)) == sent  # no link, no notice
+    rec = record(app)
+    assert rec["email"] == rec["email_verified"] == "alice@example.org"
+    assert "email_verify" not in rec
+    assert client.get(path_of(pending_link)).status_code == 404
+    requested = [e for e in audit_events() if e["event"] == "email_change_requested"]
+    assert [(e["username"], e["outcome"]) for e in requested] == [
+        ("alice", "pending"),
+        ("alice", "verified"),
+    ]
+
+
+def test_the_mails_of_an_address_change_greet_the_account(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "alice@new.example")
+    for message in outbox(app)[sent:]:
+        assert body(message).startswith("Hello alice,"), message["To"]
+
+
+def test_a_change_of_case_only_is_verified_again_but_tells_the_old_address_nothing(
+    app, client, alice
+) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    assert change_email(app, client, "Alice@Example.org") == "pending"
+    assert [m["To"] for m in outbox(app)[sent:]] == ["Alice@Example.org"]
+
+
+def test_a_first_address_tells_nobody_else(app, client) -> None:
+    AuthActions(client).register()
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    assert change_email(app, client, "alice@example.org") == "pending"
+    assert [m["To"] for m in outbox(app)[sent:]] == ["alice@example.org"]
+
+
+def test_removing_the_address_notice_names_no_new_one(app, client, alice) -> None:
+    AuthActions(client).login()
+    sent = len(outbox(app))
+    change_email(app, client, "")
+    (notice,) = outbox(app)[sent:]
+    assert "new address" not in body(notice) and "None" not in body(notice)
+    assert "XXXX" not in body(notice)
+    assert record(app)["email_verified"] is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        None,
+        123,
+        "YWxpY2U",  # no dot, no secret
+        "YWxpY2U.short",  # a secret of the wrong length
+        "YWxpY2U." + "A" * 42 + "!",  # a character outside base64url
+        "YWxpY2V." + "A" * 43,  # a second spelling of "alice" (base64's spare bits)
+        "QUxJQ0U." + "A" * 43,  # "ALICE": not a username
+        "!!!." + "A" * 43,
+    ],
+)
+def test_token_user_refuses_every_malformed_token(token) -> None:
+    assert recovery.token_user(token) is None
+
+
+def test_token_user_reads_the_username_of_a_real_token() -> None:
+    for name in ("alice", "bob", "a.b-c_d", "x" * 32):
+        token, _ = recovery.new_token(name)
+        assert recovery.token_user(token) == name
+
+
+def test_an_address_changed_between_look_up_and_write_gets_no_link_and_the_rest_do(
+    app, client, monkeypatch
+) -> None:
+    verified_user(app, client, "aaron", "shared@example.org")
+    verified_user(app, client, "alice", "shared@example.org")
+    with app.app_context():
+        store = get_store()
+        real_get = store.get
+
+        def get_then_change(username):
+            found = real_get(username)
+            if username == "aaron":  # the owner changes the address right after the read
+                store.update("aaron", lambda r: r.update(email_verified="new@example.org"))
+            return found
+
+        monkeypatch.setattr(store, "get", get_then_change)
+        sent = len(outbox(app))
+        assert recovery.send_reset_links("shared@example.org") == 1
+    assert [m["To"] for m in outbox(app)[sent:]] == ["shared@example.org"]
+    assert "password_reset" not in record(app, "aaron")
+    assert "password_reset" in record(app, "alice")

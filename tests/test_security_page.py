@@ -22,7 +22,7 @@ from helpers import (
 )
 from secure_app import events, sessions
 from secure_app.auth import SESSION_ENDED
-from secure_app.security_page import IS_CURRENT, NOT_FOUND
+from secure_app.security_page import IS_CURRENT, NOT_FOUND, _ago
 from secure_app.store import get_store
 from secure_app.store.text import TextStore
 from servers import Gunicorn, Redis, redis_server_path
@@ -542,3 +542,29 @@ def test_a_session_ended_in_one_worker_is_dead_in_every_worker(tmp_path):
             assert answer.url.startswith(url + "/login") and SESSION_ENDED in answer.text
         assert laptop.get(url + "/account-details").url.endswith("/account-details")
         assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "in the last 5 minutes"),
+        (sessions.ACTIVE_REFRESH - 1, "in the last 5 minutes"),
+        (sessions.ACTIVE_REFRESH, "about 5 minutes ago"),
+        (3599, "about 59 minutes ago"),
+        (3600, "about 1 hour ago"),
+        (7199, "about 1 hour ago"),
+        (7200, "about 2 hours ago"),
+        (26 * 3600, "about 26 hours ago"),
+    ],
+)
+def test_last_activity_is_said_no_finer_than_the_record_knows_it(seconds: int, text: str) -> None:
+    assert _ago(seconds) == text
+
+
+def test_each_session_says_when_it_started_and_was_last_active(app, clock):
+    started = int(clock.now)
+    client = logged_in(app)
+    clock.advance(120)
+    page = client.get("/security").get_data(as_text=True)
+    shown = re.findall(r"signed in ([^<]+?) · last active ([^<]+?)</p>", page)
+    assert shown == [(events.when(started), "in the last 5 minutes")]

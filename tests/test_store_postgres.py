@@ -102,15 +102,15 @@ def test_the_site_runs_as_a_role_that_may_read_and_write_rows_and_nothing_more(
     owner_url = namespaced_url(postgres_server.url(), str(tmp_path))
     PostgresStore(owner_url).close()  # the schema made by the owning role (a deploy step)
     schema = owner_url.rsplit("%3D", 1)[1]
+    role = "web_" + schema  # one role per test: the server may outlive this run (mutation runs)
     postgres_server.admin(
-        "DROP ROLE IF EXISTS web_only",
-        "CREATE ROLE web_only LOGIN PASSWORD 'web-only-password'",
-        f"GRANT USAGE ON SCHEMA {schema} TO web_only",
-        f"GRANT SELECT ON {schema}.secure_app_schema TO web_only",
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.users, {schema}.photos TO web_only",
+        f"CREATE ROLE {role} LOGIN PASSWORD 'web-only-password'",
+        f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+        f"GRANT SELECT ON {schema}.secure_app_schema TO {role}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.users, {schema}.photos TO {role}",
         database="secure_app",
     )
-    web_url = owner_url.replace("secure_app:test-only-password", "web_only:web-only-password")
+    web_url = owner_url.replace("secure_app:test-only-password", f"{role}:web-only-password")
     app = make_app(tmp_path, DATABASE_URL=web_url)
     client = app.test_client()
     auth = AuthActions(client)

@@ -620,3 +620,139 @@ def test_rotate_mfa_key_command_locks_nobody_out(app, clock, enrolled, tmp_path)
     assert result.exit_code == 0, result.output
     assert "1" in result.output
     assert login_with_code(app.test_client(), mfa.code_at(secret, clock.step)).status_code == 302
+
+
+# -- the pending login: each check on its own ------------------------------------------------
+
+
+def flashes(client) -> list[str]:
+    """The messages the login page shows next, with their category."""
+    html = client.get("/login").get_data(as_text=True)
+    return re.findall(r'<p class="flash (flash-\w+)">([^<]*)</p>', html)
+
+
+def test_a_pending_login_lives_five_minutes_to_the_second(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).login()
+    clock.advance(300)
+    assert second_step(client, mfa.code_at(secret, clock.step)).status_code == 302
+    assert who(client) == "alice"
+
+
+def test_an_expired_pending_login_tells_the_user_why(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    AuthActions(client).login()
+    clock.advance(301)
+    assert second_step(client, mfa.code_at(secret, clock.step)).headers["Location"] == "/login"
+    assert flashes(client) == [("flash-info", "Your sign-in took too long. Please log in again.")]
+
+
+def test_the_second_step_without_a_pending_login_just_goes_to_login(client, enrolled) -> None:
+    response = client.get("/login/two-factor")
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert flashes(client) == []
+
+
+def test_password_step_and_refusal_are_audited(app, client, clock, enrolled, audit_events) -> None:
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    assert {"event": "two_factor_asked", "username": "alice"}.items() <= audit_events()[-1].items()
+    assert AuthActions(owner).change_password().status_code == 302
+    clock.next_step()
+    second_step(client, mfa.code_at(secret, clock.step))
+    refused = [e for e in audit_events() if e["event"] == "two_factor_refused"]
+    assert len(refused) == 1
+    assert refused[0]["username"] == "alice" and refused[0]["reason"] == "account changed"
+
+
+def test_a_password_change_alone_kills_a_pending_login(app, client, clock, enrolled) -> None:
+    # The owner is logged in before the pending login starts, so it is not replaced
+    # by another password login: only the new password hash tells it apart.
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    assert AuthActions(owner).change_password().status_code == 302
+    clock.next_step()
+    before = stored_bytes(app)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/login"
+    assert who(client) is None and stored_bytes(app) == before
+    assert flashes(client) == [("flash-info", "Please log in again.")]
+
+
+def test_turning_the_factor_off_ends_a_pending_login(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    assert post(owner, "/security/totp/disable").status_code == 303
+    before = stored_bytes(app)
+    response = second_step(client, codes[1])
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None and stored_bytes(app) == before
+
+
+def test_a_second_password_login_elsewhere_voids_the_first_pending(
+    app, client, clock, enrolled
+) -> None:
+    secret, _ = enrolled
+    AuthActions(client).login()
+    other = app.test_client()
+    AuthActions(other).login()  # the same user, same password: only the nonce differs
+    before = stored_bytes(app)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.headers["Location"] == "/login"
+    assert who(client) is None and stored_bytes(app) == before
+    assert second_step(other, mfa.code_at(secret, clock.step)).status_code == 302
+
+
+def test_a_pending_login_is_spent_only_with_its_change(app) -> None:
+    from secure_app import two_factor
+
+    state = {"p": "nonce"}
+    digest = two_factor._nonce_digest("nonce")
+    record = {two_factor.PENDING_FIELD: digest}
+    assert two_factor.spend_pending(state, lambda r: False)(record) is False
+    assert record == {two_factor.PENDING_FIELD: digest}  # the code was raced: still pending
+    assert two_factor.spend_pending(state, lambda r: None)(record) is True
+    assert record == {}
+    assert two_factor.spend_pending(state, lambda r: True)(record) is False  # spent once
+
+
+def test_a_forged_pending_username_is_refused_under_the_rate_limit(
+    tmp_path, monkeypatch, clock
+) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, RATELIMIT_ENABLED=True)
+    client = app.test_client()
+    for forged in (None, {"u": 5, "h": "0" * 64, "p": "x", "t": int(clock.now), "n": ""}):
+        with client.session_transaction() as cookie:
+            if forged is None:
+                cookie.pop("pending_2fa", None)
+            else:
+                cookie["pending_2fa"] = forged
+        response = second_step(client, "123456")
+        assert response.status_code == 303 and response.headers["Location"] == "/login"
+
+
+def test_turning_totp_off_is_an_event_on_the_security_page(app, client, clock, enrolled) -> None:
+    secret, _ = enrolled
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    post(client, "/security/totp/disable")
+    assert "Authenticator app turned off" in client.get("/security").get_data(as_text=True)
+
+
+def test_deleting_the_account_ends_a_pending_login(app, client, clock, enrolled) -> None:
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    token = csrf_token(owner, "/account-details")
+    owner.post("/delete-account", data={"password": PASSWORD, "csrf_token": token})
+    assert record(app) is None
+    clock.next_step()
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None and record(app) is None
