@@ -266,6 +266,7 @@ def test_ratelimit_enabled_env_value_reaches_the_limiter(tmp_path, monkeypatch, 
     assert _login(client, "alice", WRONG).status_code == expected
 
 
+@pytest.mark.slow  # a real gunicorn
 @pytest.mark.parametrize("key", ["RATELIMIT_DEFAULT", "RATELIMIT_APPLICATION"])
 def test_app_wide_limit_set_by_the_operator_still_covers_every_page(tmp_path, key):
     """Flask-Limiter's every-request check is skipped only while no app-wide limit exists.
