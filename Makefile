@@ -7,8 +7,9 @@ PORT ?= 8000
 .PHONY: run test test-postgres lint format bench soak observatory mutation clean
 
 # The request tests once more with every app on PostgreSQL. Not repeated: the
-# store's own tests (they run on both backends already), and the perimeter
-# and unit tests that never reach the store.
+# store's own tests (they run on both backends already), and the tests of the
+# perimeter, the templates and pure functions (they register and log in, but
+# what they test happens before or without the store).
 POSTGRES_PASS := -m "not browser and not slow and not text_database" tests \
 	--ignore=tests/browser --ignore=tests/test_store.py --ignore=tests/test_store_contract.py \
 	--ignore=tests/test_store_stateful.py --ignore=tests/test_store_processes.py \
@@ -16,7 +17,7 @@ POSTGRES_PASS := -m "not browser and not slow and not text_database" tests \
 	--ignore=tests/test_transfer.py --ignore=tests/test_content_types.py \
 	--ignore=tests/test_fuzz_bodies.py --ignore=tests/test_uploads.py \
 	--ignore=tests/test_passwords.py --ignore=tests/test_security_headers.py \
-	--ignore=tests/test_templates.py --ignore=tests/test_mail.py --ignore=tests/test_audit.py
+	--ignore=tests/test_templates.py --ignore=tests/test_mail.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -39,7 +39,10 @@ def _store_errors(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except StoreError as exc:
-            raise click.ClickException(f"{exc}. Nothing was done; is the database up?") from None
+            raise click.ClickException(
+                f"{exc}. Stopped there: what was done before the failure stays done "
+                "(the command says what, where it can). Is the database up?"
+            ) from None
 
     return run
 
@@ -124,7 +127,7 @@ def prune_photos(grace: int, dry_run: bool) -> None:
         if (uploads.NAME_RE.match(name) or UPLOAD_TMP_RE.match(name)) and modified <= cutoff
     ]
     store = get_store()
-    records = [r for r in (store.get(key) for key in store.keys()) if r is not None]
+    records = [record for _, record in store.items()]
     referenced = {r.get("photo") for r in records}
     orphans = sorted(name for name in candidates if name not in referenced)
     for name in orphans:

@@ -369,9 +369,11 @@ def _assertion(
 def _user_for_handle(handle: str) -> str | None:
     """The username whose user handle this is, or None (unknown, or not one account's alone).
 
-    One look-up in the store (an index on PostgreSQL; on the text database,
-    a pass over the lines in memory that decodes only those holding the
-    handle), never one read per account from the request thread.
+    One look-up in the store (on PostgreSQL one query that keeps the rows
+    whose JSON text holds the handle; on the text database a pass over the
+    lines in memory that decodes only those), never one read per account from
+    the request thread. Still linear in the number of accounts, done by the
+    database in one statement; the login rate limit bounds how often.
     """
     names = get_store().find("webauthn_user", handle)
     return names[0] if len(names) == 1 else None

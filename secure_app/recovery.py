@@ -208,9 +208,9 @@ def send_reset_links(address: str) -> int:
     store = get_store()
     timeout = int(current_app.config["PASSWORD_RESET_TIMEOUT"])
     sent = 0
-    for username in store.keys():
-        record = store.get(username)
-        if not wanted or record is None or email_key(record.get("email_verified")) != wanted:
+    # One read of every record (on PostgreSQL one query, not one per account).
+    for username, record in store.items():
+        if not wanted or email_key(record.get("email_verified")) != wanted:
             continue
         token, digest = new_token(username)
         to: list[str] = []

@@ -410,7 +410,7 @@ def test_commands_answer_in_one_line_while_postgres_is_down(own_postgres, tmp_pa
         ):
             result = runner.invoke(args=args, input=f"{PASSWORD}\n{PASSWORD}\n")
             assert result.exit_code == 1, (args, result.output)
-            assert "Nothing was done; is the database up?" in result.output
+            assert "Stopped there" in result.output and "Is the database up?" in result.output
             assert result.exception is None or isinstance(result.exception, SystemExit)
     finally:
         own_postgres.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from PIL import Image
 
 from helpers import close_apps, database_rows, make_app, namespaced_url, stored_bytes
 from secure_app.store import get_photos, get_store, new_user
-from secure_app.store.text import FolderPhotos, TextStore, encode_line
+from secure_app.store.text import FolderPhotos, TextStore, encode_line, read_records
 
 any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=20)
 usernames = st.from_regex(r"[a-z0-9._-]{3,32}", fullmatch=True)
@@ -183,6 +184,7 @@ def test_export_never_writes_outside_its_folder_whatever_a_record_names(
     assert result.exit_code == 0, result.output
     assert "photo was missing (their record was kept): alice" in result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["users.jsonl"]
+    assert read_records(out / "users.jsonl")["alice"]["photo"] is None  # so it imports again
     assert (
         not (tmp_path / "deep" / "outside.webp").exists() and not Path("/tmp/outside.webp").exists()
     )
@@ -260,6 +262,22 @@ def test_import_follows_no_symlink_to_a_photo_or_to_the_data_file(app, client, r
     refused = runner.invoke(args=["import-data", str(linked)])
     assert refused.exit_code == 1 and "cannot read" in refused.output
     assert victim.read_bytes() == b"setting = 1\n"
+
+
+def test_import_never_waits_on_a_fifo_or_reads_a_symlinked_photo_folder(app, runner, tmp_path):
+    name = "ab" * 16 + ".webp"
+    folder = export_of(tmp_path, {"alice": alice(photo=name)}, {})
+    os.mkfifo(folder / "photos" / name)  # opening it for reading would wait for a writer
+    result = runner.invoke(args=["import-data", str(folder)])
+    assert result.exit_code == 0 and "photo was missing" in result.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / name).write_bytes(webp())
+    other = export_of(tmp_path / "x", {"bob": {**new_user("bob", "$a$x"), "photo": name}}, {})
+    (other / "photos").rmdir()
+    (other / "photos").symlink_to(elsewhere)
+    refused = runner.invoke(args=["import-data", str(other)])
+    assert refused.exit_code == 1 and "photos/ is a symlink" in refused.output
 
 
 def test_import_leaves_the_folder_it_reads_exactly_as_it_was(app, runner, tmp_path):

@@ -210,7 +210,10 @@ class PostgresStore:
                 conn.execute("")
                 return conn
             except psycopg.OperationalError:
-                pool.putconn(conn)
+                pool.putconn(conn)  # dead: the pool discards it and opens another
+            except BaseException:
+                pool.putconn(conn)  # never keep a connection checked out for good
+                raise
         raise psycopg.OperationalError("no live connection")
 
     @contextmanager
@@ -305,6 +308,12 @@ class PostgresStore:
         with self._connection() as conn:
             return [r[0] for r in conn.execute("SELECT username FROM users ORDER BY username")]
 
+    def items(self) -> list[tuple[str, Record]]:
+        """Every (key, record), in one query: for passes over all accounts (never a read each)."""
+        with self._connection() as conn:
+            rows = conn.execute("SELECT username, record::text FROM users ORDER BY username")
+            return [(key, json.loads(text)) for key, text in rows]
+
     def find(self, field: str, value: str) -> list[str]:
         """The keys whose record has ``value`` in its top-level ``field``, in one query.
 
@@ -327,7 +336,9 @@ class PostgresStore:
 
     def create(self, key: str, record: Record) -> bool:
         """Store ``record`` under a new ``key``; return False if the key exists."""
-        with self._connection() as conn:
+        # A transaction of one statement: a reply lost after the commit is then
+        # StoreUncertain (the page must not say "nothing was changed" of a new account).
+        with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO users (username, record) VALUES (%s, %s)"
                 " ON CONFLICT (username) DO NOTHING",

@@ -157,7 +157,7 @@ def read_records(path: Path) -> dict[str, Record]:
     For files that are not the live database (an export folder, a backup):
     opening them as a :class:`TextStore` would heal and convert them in place.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
@@ -326,6 +326,13 @@ class TextStore:
         with self._held():
             self._refresh()
             return list(self._index)
+
+    def items(self) -> list[tuple[str, Record]]:
+        """Every (key, record): fresh copies, read under the lock once."""
+        with self._held():
+            self._refresh()
+            lines = list(self._index.items())
+        return [(key, json.loads(raw)["v"]) for key, raw in lines]
 
     def find(self, field: str, value: str) -> list[str]:
         """The keys whose record has ``value`` in its top-level ``field``."""
@@ -776,7 +783,8 @@ class FolderPhotos:
 
     def get(self, name: str) -> Photo | None:
         try:
-            fd = os.open(self.folder / photo_name(name), os.O_RDONLY | os.O_NOFOLLOW)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # no symlink; a FIFO never blocks
+            fd = os.open(self.folder / photo_name(name), flags)
         except FileNotFoundError:
             return None
         except OSError as exc:

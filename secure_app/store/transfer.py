@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..uploads import PROFILE_SIZE
 from . import Photos, Record, Records, photo_name
 from .text import FolderPhotos, TextStore, read_records
 
@@ -52,15 +53,13 @@ def export_to(folder: Path, records: Records, photos: Photos) -> Moved:
     out_photos = FolderPhotos(folder / "photos")
     moved = Moved()
     try:
-        for key in records.keys():
-            record = records.get(key)
-            if record is None:
-                continue  # deleted while the export ran
+        for key, record in records.items():
             name = record.get("photo")
             if name:
                 photo = photos.get(name) if _is_photo_name(name) else None
                 if photo is None:
                     moved.missing_photos.append(key)
+                    record = {**record, "photo": None}  # so that the export imports again
                 else:
                     out_photos.put(name, photo.data)
                     moved.photos += 1
@@ -93,6 +92,8 @@ def import_from(
         raise TransferError(f"cannot read {folder / 'users.jsonl'}: {exc.strerror}") from None
     source_photos = FolderPhotos(folder / "photos")
     problems: list[str] = []
+    if (folder / "photos").is_symlink():
+        problems.append("photos/ is a symlink: an export folder holds its photos itself")
     clashes = sorted(key for key in source if key in records)
     if clashes:
         problems.append(f"these users exist already: {', '.join(clashes)}")
@@ -157,12 +158,17 @@ def _record_problem(key: str, record: Record, username_re: re.Pattern[str]) -> s
 
 
 def _is_webp(data: bytes) -> bool:
-    """Whether ``data`` is a whole WebP image, as uploads.py stores them."""
+    """Whether ``data`` is a WebP as uploads.py stores them: decodable, at most the profile
+    size, and without the metadata (EXIF, XMP) the re-encoding drops."""
     if len(data) > MAX_PHOTO_BYTES or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-            return image.format == "WEBP"
+            if image.format != "WEBP" or image.info.get("exif") or image.info.get("xmp"):
+                return False
+            if image.width > PROFILE_SIZE[0] or image.height > PROFILE_SIZE[1]:
+                return False
+            image.load()  # decodes every pixel: a cut or corrupt file raises here
+            return True
     except Exception:  # noqa: BLE001 - any decoder failure means "not an image"
         return False
