@@ -6,7 +6,7 @@ The text database's tests run twice:
   size=...``), filled up for ENOSPC and remounted read-only for EROFS. This
   needs root and a working ``mount``; without them it is skipped with the
   reason, and the injected run below still runs.
-* ``injected``: the store's write path (``secure_app.store._pwrite_all``)
+* ``injected``: the store's write path (``secure_app.store.text._pwrite_all``)
   raises the ``OSError`` itself, after writing half of the bytes for ENOSPC,
   as a disk that fills up part-way through a write does.
 
