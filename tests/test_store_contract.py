@@ -213,3 +213,13 @@ def test_store_used_across_a_fork_keeps_excluding_the_parent(backend):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.get("counter") == {"n": 2 * rounds}
+
+
+def test_find_matches_a_value_however_the_record_had_to_be_written(store):
+    """A record with a lone surrogate anywhere is written all escaped; find must see it too."""
+    store.create("readable", {"webauthn_user": "hé-1", "bio": "plain"})
+    store.create("escaped", {"webauthn_user": "hé-2", "bio": "lone \ud800"})
+    store.create("lookalike", {"note": '"webauthn_user":"hé-1"', "webauthn_user": "x"})
+    assert store.find("webauthn_user", "hé-1") == ["readable"]
+    assert store.find("webauthn_user", "hé-2") == ["escaped"]
+    assert store.find("webauthn_user", "hé") == []
