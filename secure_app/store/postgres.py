@@ -45,6 +45,9 @@ from psycopg_pool import ConnectionPool
 
 from . import Photo, Record, RecordGone, StoreError, StoreUncertain, photo_name
 
+# The text database's own encoders: a record is stored as the JSON text its line holds.
+from .text import _ESCAPED, _READABLE
+
 log = logging.getLogger(__name__)
 
 # Each entry upgrades the schema by one version; never edit one that has shipped.
@@ -58,10 +61,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 # Held while the schema is checked, so that workers and hosts starting at
 # once upgrade it one at a time ("sa" in ASCII, an arbitrary constant).
 _MIGRATION_LOCK = 0x7361
-
-# Built once: json.dumps with options would build a new encoder on every call.
-_READABLE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_ESCAPED = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 def check_url(url: str) -> dict[str, str]:
