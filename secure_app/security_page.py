@@ -71,8 +71,6 @@ def _ago(seconds: int) -> str:
     return "about 1 hour ago" if hours == 1 else f"about {hours} hours ago"
 
 
-@bp.post("/security/sessions/end")
-@fresh_auth_required
 def end_session() -> Response:
     """End one other session of this user, named by its id on the security page."""
     form = EndSessionForm()
@@ -101,3 +99,10 @@ def end_session() -> Response:
     device = ended[0].get("ua") or sessions.UNKNOWN_DEVICE
     flash(f"The session on {device} has ended: it must sign in again.", "success")
     return redirect(url_for("two_factor.security"), 303)
+
+
+# The route is registered here, not by a decorator: mutmut (``make mutation``) leaves decorated
+# functions alone, and the mutation score must cover this handler's checks.
+bp.add_url_rule(
+    "/security/sessions/end", view_func=fresh_auth_required(end_session), methods=["POST"]
+)
