@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import secrets
 import threading
@@ -105,6 +106,22 @@ _BUSY = "The server is busy with other photos right now. Please try again in a m
 
 _pool = ThreadPoolExecutor(MAX_DECODES, thread_name_prefix="photo-decode")
 _admitted = threading.BoundedSemaphore(MAX_DECODES + MAX_WAITING)
+
+
+def _fresh_pool() -> None:
+    """Give a forked child its own decode pool and places (threads do not fork).
+
+    A child inherits the pool's bookkeeping, which counts the parent's idle
+    threads as its own: it would queue every decode for threads that do not
+    exist, and refuse every upload as busy after ``DECODE_WAIT``. Places held
+    by the parent's decodes would never come back either.
+    """
+    global _pool, _admitted
+    _pool = ThreadPoolExecutor(MAX_DECODES, thread_name_prefix="photo-decode")
+    _admitted = threading.BoundedSemaphore(MAX_DECODES + MAX_WAITING)
+
+
+os.register_at_fork(after_in_child=_fresh_pool)
 
 
 class UploadRefused(ValueError):

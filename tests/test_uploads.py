@@ -445,3 +445,27 @@ def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
         assert uploads._admitted.acquire(blocking=False)
     for _ in range(PLACES):
         uploads._admitted.release()
+
+
+def test_a_forked_child_decodes_on_its_own_threads():
+    # A gunicorn worker (or any fork) after this process has decoded: the child
+    # must not queue its decodes for the parent's pool threads, which it lacks.
+    data = images.png()
+    uploads.reencode(data)  # the pool's threads now exist, in this process only
+    for _ in range(uploads.MAX_DECODES + uploads.MAX_WAITING):
+        assert uploads._admitted.acquire(blocking=False)  # the parent's places all taken
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if its upload was decoded
+            code = 1
+            try:
+                code = 0 if decode(uploads.reencode(data)).format == "WEBP" else 2
+            except BaseException:
+                code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for _ in range(uploads.MAX_DECODES + uploads.MAX_WAITING):
+            uploads._admitted.release()
+    assert os.waitstatus_to_exitcode(status) == 0
