@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,23 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``make mutation``, run each mutant's tests quickest first.
+
+    mutmut stops at the first failing test (``-x``), so a mutant that a quick
+    test kills should not wait for the slow ones. The durations are the ones
+    mutmut measured on the unmutated code (``mutmut-stats.json``, in the
+    folder it runs the tests from); a normal run is left in its own order.
+    """
+    if os.environ.get("MUTANT_UNDER_TEST", "stats") == "stats":
+        return
+    stats = Path("mutmut-stats.json")
+    if not stats.exists():
+        return
+    took = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: took.get(item.nodeid, float("inf")))
 
 
 # `make test` runs the suite once on the text database, then its HTTP part
