@@ -16,11 +16,12 @@ from helpers import (
     PASSWORD,
     AuthActions,
     csrf_token,
+    file_size_limit,
     make_app,
     record_lines,
     stored_bytes,
 )
-from secure_app import events, sessions
+from secure_app import events, mfa, sessions
 from secure_app.auth import SESSION_ENDED
 from secure_app.security_page import IS_CURRENT, NOT_FOUND, _ago
 from secure_app.store import get_store
@@ -494,6 +495,257 @@ def test_event_details_are_bounded_and_unknown_kinds_still_shown():
     assert events.recent(rec)[0]["what"].startswith("X")
 
 
+NOON = 1_800_000_000 - 1_800_000_000 % 86400 + 12 * 3600  # 15 January 2027, 12:00 UTC
+
+
+@pytest.mark.parametrize(
+    ("at", "said"),
+    [
+        (NOON, "15 January 2027, 12:00 UTC"),
+        (NOON + 59, "15 January 2027, 12:00 UTC"),
+        (NOON + 12 * 3600 - 1, "15 January 2027, 23:59 UTC"),
+        (0, "01 January 1970, 00:00 UTC"),
+        (None, "an unknown time"),
+        (float(NOON), "an unknown time"),
+        (str(NOON), "an unknown time"),
+    ],
+)
+def test_a_time_is_said_as_day_month_year_and_utc_clock(at, said):
+    assert events.when(at) == said
+
+
+def test_each_event_is_worded_for_its_owner_newest_first():
+    rec: dict = {}
+    written = [
+        ("login_success", {"method": "password"}),
+        ("login_success", {"method": "totp"}),
+        ("login_success", {"method": "passkey"}),
+        ("login_success", {"method": "smartcard"}),  # a method this page has no words for
+        ("login_failure", {}),
+        ("two_factor_failure", {}),
+        ("session_ended", {"device": "Mobile Safari 17 on iOS"}),
+        ("session_ended", {"device": None}),  # a session stored before devices were kept
+        ("sessions_ended_others", {"count": 2}),
+        ("sessions_ended_others", {}),
+        ("recovery_code_used", {}),
+        ("some_new_kind", {}),
+    ]
+    for i, (kind, details) in enumerate(written):
+        events.record(rec, kind, ip=f"192.0.2.{i}", now=NOON + 60 * i, **details)
+    rec["events"].insert(5, "not an event")  # skipped, and the older ones still listed
+    shown = [(row["what"], row["when"], row["ip"], row["failure"]) for row in events.recent(rec)]
+    assert shown == [
+        ("Some new kind", "15 January 2027, 12:11 UTC", "192.0.2.11", False),
+        ("Recovery code used", "15 January 2027, 12:10 UTC", "192.0.2.10", False),
+        ("Logged out everywhere else", "15 January 2027, 12:09 UTC", "192.0.2.9", False),
+        ("Logged out everywhere else (2 ended)", "15 January 2027, 12:08 UTC", "192.0.2.8", False),
+        ("Session ended from the security page", "15 January 2027, 12:07 UTC", "192.0.2.7", False),
+        (
+            "Session ended from the security page (Mobile Safari 17 on iOS)",
+            "15 January 2027, 12:06 UTC",
+            "192.0.2.6",
+            False,
+        ),
+        ("Failed sign-in: wrong second-step code", "15 January 2027, 12:05 UTC", "192.0.2.5", True),
+        ("Failed sign-in: wrong password", "15 January 2027, 12:04 UTC", "192.0.2.4", True),
+        ("Signed in", "15 January 2027, 12:03 UTC", "192.0.2.3", False),
+        ("Signed in with a passkey", "15 January 2027, 12:02 UTC", "192.0.2.2", False),
+        (
+            "Signed in with your password and authenticator app",
+            "15 January 2027, 12:01 UTC",
+            "192.0.2.1",
+            False,
+        ),
+        ("Signed in with your password", "15 January 2027, 12:00 UTC", "192.0.2.0", False),
+    ]
+
+
+@pytest.mark.parametrize("stored", [None, "not a list", 5, {"k": "login_success"}])
+def test_a_record_whose_event_list_is_not_a_list_shows_none_and_starts_a_new_one(stored):
+    rec: dict = {"events": stored}
+    assert events.recent(rec) == []
+    events.record(rec, "password_changed", ip=None, now=NOON)
+    assert [row["what"] for row in events.recent(rec)] == ["Password changed"]
+
+
+def test_the_list_keeps_the_twenty_newest_events():
+    rec: dict = {}
+    for i in range(events.MAX_EVENTS + 5):
+        events.record(rec, f"event_{i}", ip=None, now=NOON + i)
+    assert len(rec["events"]) == events.MAX_EVENTS == 20
+    assert [row["what"] for row in events.recent(rec)] == [f"Event {i}" for i in range(24, 4, -1)]
+
+
+def test_an_event_records_when_and_from_where(app, clock):
+    rec: dict = {}
+    with app.test_request_context(environ_base={"REMOTE_ADDR": "203.0.113.7"}):
+        events.record(rec, "password_changed")
+        events.record(rec, "email_changed", now=NOON)
+    events.record(rec, "two_factor_reset")  # an operator's command: no request, no address
+    assert rec["events"] == [
+        {"k": "password_changed", "t": int(clock.now), "ip": "203.0.113.7"},
+        {"k": "email_changed", "t": NOON, "ip": "203.0.113.7"},
+        {"k": "two_factor_reset", "t": int(clock.now), "ip": None},
+    ]
+
+
+def test_failures_are_counted_until_a_sign_in_and_a_second_step_failure_is_remembered():
+    rec: dict = {}
+    events.record(rec, "login_failure", ip="192.0.2.1", now=NOON)
+    events.record(rec, "login_failure", ip="192.0.2.2", now=NOON + 1)
+    assert rec["failed_logins"] == {"n": 2, "t": NOON + 1, "ip": "192.0.2.2", "tf": False}
+    events.record(rec, "two_factor_failure", ip="192.0.2.3", now=NOON + 2)
+    events.record(rec, "login_failure", ip="192.0.2.4", now=NOON + 3)
+    # The wrong code came from someone who knew the password: a later wrong password keeps that.
+    failed = {"n": 4, "t": NOON + 3, "ip": "192.0.2.4", "tf": True}
+    assert rec["failed_logins"] == failed
+    events.record(rec, "password_changed", ip=None, now=NOON + 4)  # not a failure
+    assert rec["failed_logins"] == failed
+    assert events.login_succeeded(rec, "totp") == failed
+    assert "failed_logins" not in rec
+    assert rec["events"][-1]["k"] == "login_success" and rec["events"][-1]["method"] == "totp"
+    assert events.login_succeeded(rec, "password") is None  # said once
+
+
+NOTICE_LINK = ' <a href="/security#recent-activity">See recent activity</a>'
+
+
+@pytest.mark.parametrize(
+    ("failed", "said"),
+    [
+        (
+            {"n": 1, "t": NOON + 2 * 60, "ip": "192.0.2.1", "tf": False},
+            "1 failed sign-in attempt since your last visit, the last from 192.0.2.1 at 12:02 UTC.",
+        ),
+        (
+            {"n": 2, "t": None, "ip": None, "tf": True},
+            "2 failed sign-in attempts since your last visit, the last from an unknown address"
+            " at an unknown time. At least one got past your password: if that was not you,"
+            " change your password now.",
+        ),
+        (
+            {"n": 3, "t": "noon", "ip": "<b>x</b>", "tf": False},  # quoted text is escaped
+            "3 failed sign-in attempts since your last visit, the last from &lt;b&gt;x&lt;/b&gt;"
+            " at an unknown time.",
+        ),
+    ],
+)
+def test_the_sign_in_notice_counts_the_failures_and_says_when_from_where(app, failed, said):
+    with app.test_request_context():
+        assert str(events.failure_notice(failed)) == said + NOTICE_LINK
+
+
+def test_a_wrong_second_step_code_is_listed_and_told_at_the_next_sign_in(
+    tmp_path, monkeypatch, clock
+):
+    from test_two_factor import enrol, login_with_code, second_step, two_factor_app
+
+    app = two_factor_app(tmp_path, monkeypatch, **CHEAP_ARGON2)
+    owner = browser(app, FIREFOX, "198.51.100.7")
+    AuthActions(owner).register()
+    AuthActions(owner).login()
+    secret, _ = enrol(owner, clock)
+    AuthActions(owner).logout()
+    clock.next_step()
+    thief = browser(app, SAFARI, "203.0.113.7")  # knows the password, not the code
+    assert AuthActions(thief).login().headers["Location"] == "/login/two-factor"
+    assert second_step(thief, "000000").status_code == 422
+    clock.next_step()
+    response = login_with_code(owner, mfa.code_at(secret, clock.step))
+    html = owner.get(response.headers["Location"]).get_data(as_text=True)
+    assert (
+        "1 failed sign-in attempt since your last visit, the last from 203.0.113.7 at 08:00 UTC."
+        " At least one got past your password: if that was not you, change your password now."
+    ) in html
+    page = owner.get("/security").get_data(as_text=True)
+    assert re.search(
+        r'<li class="event event-failure">Failed sign-in: wrong second-step code · '
+        r"15 January 2027, 08:00 UTC · IP address 203\.0\.113\.7</li>",
+        page,
+    )
+
+
+def test_a_failed_login_is_listed_at_the_time_it_was_made_not_written(app, clock):
+    response = AuthActions(browser(app, SAFARI, "203.0.113.7")).login("alice", WRONG)
+    attempted = int(clock.now)
+    clock.advance(90)  # a slow client: the response is closed (and the event written) later
+    response.close()
+    assert record(app)["events"][-1] == {"k": "login_failure", "t": attempted, "ip": "203.0.113.7"}
+
+
+def test_an_event_written_after_the_response_keeps_its_details(app, clock):
+    with app.test_request_context(environ_base={"REMOTE_ADDR": "203.0.113.7"}):
+        events.record_after_response("alice", "passkey_renamed", name="Work laptop")
+        response = app.process_response(app.response_class("done"))
+    assert record(app).get("events") is None  # nothing before the response is closed
+    response.close()
+    assert record(app)["events"][-1] == {
+        "k": "passkey_renamed",
+        "t": int(clock.now),
+        "ip": "203.0.113.7",
+        "name": "Work laptop",
+    }
+
+
+def test_an_event_written_on_its_own_goes_to_that_user_or_nowhere(app, clock):
+    with app.test_request_context(environ_base={"REMOTE_ADDR": "203.0.113.7"}):
+        events.record_now("alice", "passkey_renamed", name="Work laptop")
+        before = stored_bytes(app)
+        events.record_now("nobody", "passkey_renamed")  # no such user: nothing, no error
+        assert stored_bytes(app) == before
+    assert record(app)["events"][-1] == {
+        "k": "passkey_renamed",
+        "t": int(clock.now),
+        "ip": "203.0.113.7",
+        "name": "Work laptop",
+    }
+
+
+def _full_disk(app, monkeypatch):
+    """A data file with no reserved space left, on a disk with no room to grow it."""
+    monkeypatch.setattr(TextStore, "reserve", 0)
+    app.extensions["secure_app.store"].compact()
+    data_file = Path(app.config["DATA_DIR"]) / "users.jsonl"
+    return file_size_limit(data_file.stat().st_size)
+
+
+@pytest.mark.text_database  # the fault is the data file's size limit
+def test_an_event_that_cannot_be_written_is_logged_and_only_the_event_is_lost(
+    app, monkeypatch, caplog
+):
+    logged_in(app)  # alice has events: the record line below would be longer than there is room
+    client = browser(app)
+    token = csrf_token(client, "/login")
+    with _full_disk(app, monkeypatch):
+        before = stored_bytes(app)
+        response = client.post(
+            "/login", data={"username": "alice", "password": WRONG, "csrf_token": token}
+        )
+        assert response.status_code == 200  # the same answer as with room on the disk
+        response.close()
+        with app.test_request_context():
+            events.record_now("alice", "two_factor_failure")
+    assert stored_bytes(app) == before
+    failures = [r for r in caplog.records if r.name == "secure_app.events"]
+    assert [(r.levelname, r.getMessage()) for r in failures] == [
+        ("ERROR", "could not record login_failure for a user"),
+        ("ERROR", "could not record two_factor_failure for a user"),
+    ]
+    assert all(r.exc_info for r in failures)  # with the store's error, for the operator
+
+
+def test_the_event_list_shows_stored_text_escaped(app):
+    client = logged_in(app)
+
+    def planted(r):
+        r["events"] = [{"k": "session_ended", "t": NOON, "ip": None, "device": "<b>x</b>"}]
+
+    with app.app_context():
+        get_store().update("alice", planted)
+    page = client.get("/security").get_data(as_text=True)
+    assert "(&lt;b&gt;x&lt;/b&gt;)" in page and "<b>x</b>" not in page
+
+
 # -- two gunicorn workers sharing one store ----------------------------------------------
 
 
@@ -567,4 +819,5 @@ def test_each_session_says_when_it_started_and_was_last_active(app, clock):
     clock.advance(120)
     page = client.get("/security").get_data(as_text=True)
     shown = re.findall(r"signed in ([^<]+?) · last active ([^<]+?)</p>", page)
-    assert shown == [(events.when(started), "in the last 5 minutes")]
+    assert started == 1_800_000_010
+    assert shown == [("15 January 2027, 08:00 UTC", "in the last 5 minutes")]

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from flask import session
 from test_fuzz_forms import CHEAP_ARGON2
 
 from helpers import (
@@ -25,7 +26,7 @@ from helpers import (
     make_app,
     stored_bytes,
 )
-from secure_app import mfa
+from secure_app import mfa, reauth
 from secure_app.security import limiter
 from secure_app.store import get_store
 
@@ -414,9 +415,9 @@ def test_failures_are_audited_and_count_toward_the_username_limit(
 
 
 def test_factor_changes_need_a_fresh_authentication(app, logged_in, clock) -> None:
-    clock.advance(299)
+    clock.advance(app.config["REAUTH_WINDOW"])  # fresh to the second: REAUTH_WINDOW is included
     assert logged_in.get("/security/totp").status_code == 200
-    clock.advance(2)
+    clock.advance(1)
     response = logged_in.get("/security/totp")
     assert response.status_code == 303
     assert response.headers["Location"] == "/reauthenticate?next=/security/totp"
@@ -499,6 +500,187 @@ def test_reauthentication_is_rate_limited_per_user(tmp_path, monkeypatch, clock)
         )
     refused = post(client, "/reauthenticate", {"password": PASSWORD}, "/reauthenticate")
     assert refused.status_code == 429
+
+
+def test_freshness_lasts_reauth_window_seconds_from_an_int_time_only(app) -> None:
+    window = app.config["REAUTH_WINDOW"]
+    with app.test_request_context():
+        session["auth_at"] = 1000
+        assert reauth.is_fresh(1000) and reauth.is_fresh(1000 + window)
+        assert not reauth.is_fresh(1001 + window)
+        assert not reauth.is_fresh(999)  # a time after now is no authentication
+        # Not an int time as this app writes it: stale, never an error, even when asked at
+        # the very time it would name (True counts as 1 in arithmetic).
+        for value, now in ((1000.0, 1000), ("1000", 1000), (None, 1000), (True, 1)):
+            session["auth_at"] = value
+            assert not reauth.is_fresh(now)
+        del session["auth_at"]
+        assert not reauth.is_fresh(1000)
+
+
+def test_a_stale_session_is_told_why_it_must_confirm(app, logged_in, clock) -> None:
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = logged_in.get("/security/totp")
+    assert flashes(logged_in, response.headers["Location"]) == [
+        ("flash-info", "Please confirm it is you before changing your sign-in settings.")
+    ]
+
+
+def stale_post(client, path: str, referer: str | None = None):
+    """POST the form at ``path`` as a browser would, with this Referer (None: none sent)."""
+    headers = {"Referer": referer} if referer is not None else {}
+    token = csrf_token(client, "/security")
+    return client.post(path, data={"csrf_token": token}, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("referer", "back_to"),
+    [
+        ("http://localhost/account-details?tab=photo", "/account-details?tab%3Dphoto"),
+        ("http://localhost/security", "/security"),
+        (None, "/security"),
+        ("http://evil.example/account-details", "/security"),  # another site's page
+        ("http://localhost//evil.example/x", "/security"),  # a path that is a host
+        ("not a url", "/security"),
+    ],
+)
+def test_a_stale_post_comes_back_to_the_page_that_held_the_form(
+    app, logged_in, clock, referer, back_to
+) -> None:
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = stale_post(logged_in, "/security/recovery-codes", referer)
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/reauthenticate?next=" + back_to
+
+
+def test_a_stale_post_to_a_page_that_has_a_get_comes_back_to_that_page(
+    app, logged_in, clock
+) -> None:
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = stale_post(logged_in, "/security/totp", "http://localhost/account-details")
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/reauthenticate?next=/security/totp"
+
+
+def test_the_reauthentication_page_offers_a_code_only_with_an_app_and_keeps_next(
+    app, client, clock, enrolled
+) -> None:
+    _, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    page = client.get("/reauthenticate?next=/security/totp")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert 'action="/reauthenticate?next=/security/totp"' in html
+    assert 'name="password"' in html and 'name="code"' in html
+    bob = app.test_client()
+    AuthActions(bob).register("bob", OTHER_PASSWORD)
+    AuthActions(bob).login("bob", OTHER_PASSWORD)
+    html = bob.get("/reauthenticate").get_data(as_text=True)
+    assert 'action="/reauthenticate?next=/security"' in html
+    assert 'name="password"' in html and 'name="code"' not in html
+
+
+def error_at(html: str, name: str) -> str | None:
+    """The error message shown at form field ``name``, or None."""
+    found = re.search(rf'<p class="error" id="{name}-error">([^<]*)</p>', html)
+    return found.group(1) if found else None
+
+
+REAUTH_ATTEMPTS = {
+    # what is sent: (response status, audit event, its method, the field that shows the error)
+    "wrong password": ({"password": OTHER_PASSWORD}, 422, "reauth_failure", "password", "password"),
+    "wrong code": ({"code": "000000"}, 422, "reauth_failure", "code", "code"),
+    "overlong password": ({"password": "x" * 129}, 422, "reauth_failure", "form", "password"),
+    "password": ({"password": PASSWORD}, 303, "reauth_success", "password", None),
+    "totp": ({"code": "the app's code"}, 303, "reauth_success", "totp", None),
+    "recovery code": ({"code": "a recovery code"}, 303, "reauth_success", "recovery", None),
+}
+
+
+@pytest.mark.parametrize("attempt", REAUTH_ATTEMPTS)
+def test_each_reauthentication_is_audited_with_its_method_and_refusals_say_where(
+    app, client, clock, enrolled, audit_events, attempt
+) -> None:
+    secret, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    clock.next_step()
+    data, status, event, method, field = REAUTH_ATTEMPTS[attempt]
+    known_now = {"the app's code": mfa.code_at(secret, clock.step), "a recovery code": codes[1]}
+    data = {k: known_now.get(v, v) for k, v in data.items()}
+    response = post(client, "/reauthenticate", data, token_from="/reauthenticate")
+    assert response.status_code == status
+    last = audit_events()[-1]
+    assert (last["event"], last["username"], last["method"]) == (event, "alice", method)
+    html = response.get_data(as_text=True)
+    for name in ("password", "code"):
+        assert error_at(html, name) == (reauth.FAILED if name == field else None)
+    fresh = client.get("/security/totp").status_code == 200
+    assert fresh is (status == 303)
+
+
+def test_the_password_alone_reauthenticates_a_user_with_an_app(
+    app, client, clock, enrolled
+) -> None:
+    _, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    # Without the code field (a script), and with it left empty (a browser).
+    for data in ({"password": PASSWORD}, {"password": PASSWORD, "code": ""}):
+        clock.advance(app.config["REAUTH_WINDOW"] + 1)
+        response = post(
+            client, "/reauthenticate?next=/security/totp", data, token_from="/reauthenticate"
+        )
+        assert response.status_code == 303 and response.headers["Location"] == "/security/totp"
+
+
+def test_a_recovery_code_used_to_reauthenticate_is_mailed_and_listed(app, client, clock) -> None:
+    from test_recovery import outbox, verified_user  # test_recovery imports this module
+
+    verified_user(app, client, "alice", "alice@example.org")
+    AuthActions(client).login()
+    secret, codes = enrol(client, clock)
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    clock.next_step()
+    sent = len(outbox(app))
+    response = post(client, "/reauthenticate", {"code": codes[0]}, token_from="/reauthenticate")
+    assert response.status_code == 303
+    (notice,) = outbox(app)[sent:]
+    assert notice["To"] == "alice@example.org"
+    assert notice["Subject"] == "Security notice: a recovery code was used to sign in"
+    page = client.get("/security").get_data(as_text=True)
+    assert "Recovery code used" in page[page.index('id="recent-activity"') :]
+    # The password and the app's code are no news to the owner: no mail.
+    sent = len(outbox(app))
+    for how in ("code", "password"):
+        clock.advance(app.config["REAUTH_WINDOW"] + 1)
+        data = {how: mfa.code_at(secret, clock.step) if how == "code" else PASSWORD}
+        response = post(client, "/reauthenticate", data, token_from="/reauthenticate")
+        assert response.status_code == 303
+    assert len(outbox(app)) == sent
+
+
+def test_reauthenticating_keeps_the_other_browsers_logged_in(app, clock) -> None:
+    laptop, phone = app.test_client(), app.test_client()
+    AuthActions(laptop).register()
+    AuthActions(laptop).login()
+    AuthActions(phone).login()
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)
+    response = post(laptop, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    assert response.status_code == 303
+    assert who(laptop) == who(phone) == "alice"
+    assert len(record(app)["sessions"]) == 2
+
+
+def test_the_idle_timeout_counts_from_the_reauthentication(app, logged_in, clock) -> None:
+    # Less than a minute after the last request: the cookie's "seen" was not refreshed
+    # by it (auth.py), so only the re-authentication can restart the idle clock.
+    clock.advance(59)
+    response = post(
+        logged_in, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate"
+    )
+    assert response.status_code == 303
+    clock.advance(app.config["SESSION_IDLE_TIMEOUT"])
+    assert who(logged_in) == "alice"
 
 
 # -- recovery codes, disabling ---------------------------------------------------------------
@@ -625,9 +807,9 @@ def test_rotate_mfa_key_command_locks_nobody_out(app, clock, enrolled, tmp_path)
 # -- the pending login: each check on its own ------------------------------------------------
 
 
-def flashes(client) -> list[str]:
-    """The messages the login page shows next, with their category."""
-    html = client.get("/login").get_data(as_text=True)
+def flashes(client, path: str = "/login") -> list[str]:
+    """The messages the page at ``path`` (the login page) shows next, with their category."""
+    html = client.get(path).get_data(as_text=True)
     return re.findall(r'<p class="flash (flash-\w+)">([^<]*)</p>', html)
 
 

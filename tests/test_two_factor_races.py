@@ -24,7 +24,7 @@ from test_two_factor import (
     who,
 )
 
-from helpers import AuthActions
+from helpers import AuthActions, csrf_token
 from secure_app import mfa
 
 
@@ -98,7 +98,8 @@ def test_reauthentication_racing_log_out_everywhere_else_does_not_revive_its_ses
 
     # ...exactly while the laptop's re-authentication is checking its password.
     done = _during_first_verify(monkeypatch, log_out_the_laptop)
-    post(laptop, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    late = post(laptop, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    assert late.status_code == 422  # refused, not a server error
     assert done and done[0] in (302, 303)
     assert who(laptop) is None
     assert who(phone) == "alice"
@@ -165,3 +166,29 @@ def test_a_recovery_code_used_to_reauthenticate_is_an_event(app, clock):
     assert response.status_code == 303
     assert record(app)["events"][-1]["k"] == "recovery_code_used"
     assert mfa.recovery_left(record(app)) == 9
+
+
+def test_one_code_used_by_two_reauthentications_at_once_lets_only_one_in(
+    app, clock, secret, monkeypatch
+):
+    from test_races import _before_first_update
+
+    laptop, phone = app.test_client(), app.test_client()
+    assert login_with_code(laptop, mfa.code_at(secret, clock.step)).status_code == 302
+    clock.next_step()
+    assert login_with_code(phone, mfa.code_at(secret, clock.step)).status_code == 302
+    clock.advance(app.config["REAUTH_WINDOW"] + 1)  # both stale
+    clock.next_step()
+    code = mfa.code_at(secret, clock.step)
+    token = csrf_token(laptop, "/reauthenticate")
+
+    def phone_uses_the_code() -> int:
+        return post(phone, "/reauthenticate", {"code": code}, "/reauthenticate").status_code
+
+    # The laptop has checked the code and is about to write; the phone spends it first.
+    done = _before_first_update(monkeypatch, app, phone_uses_the_code)
+    late = laptop.post("/reauthenticate", data={"code": code, "csrf_token": token})
+    assert done == [303] and late.status_code == 422
+    assert phone.get("/security/totp").status_code == 200
+    assert laptop.get("/security/totp").status_code == 303  # still stale
+    assert who(laptop) == "alice"  # refused, not logged out
