@@ -74,6 +74,17 @@ def test_real_images_are_reencoded_as_webp(data):
     assert img.size in ((40, 20), (300, 200))
 
 
+def test_a_16_bit_greyscale_photo_keeps_its_tones():
+    # A quarter and three quarters of full scale: stored in 8 bits as 64 and 192, not clipped to
+    # white (Pillow's own conversion of 16-bit grey clips every value above 255).
+    row = (0x4000).to_bytes(2, "big") * 20 + (0xC000).to_bytes(2, "big") * 20
+    out = io.BytesIO()
+    Image.frombytes("I;16B", (40, 20), row * 20).save(out, "PNG")
+    img = assert_clean_webp(uploads.reencode(out.getvalue())).convert("L")
+    dark, light = img.getpixel((5, 10)), img.getpixel((35, 10))
+    assert abs(dark - 64) <= 8 and abs(light - 192) <= 8, (dark, light)
+
+
 def test_large_photo_is_scaled_down_to_profile_size():
     img = decode(uploads.reencode(images.png((1200, 600))))
     assert img.size == (512, 256)
