@@ -356,7 +356,7 @@ def _shrink(img: Image.Image) -> Image.Image:
         img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
     img.load()  # decodes every byte: truncated or corrupt files fail here
     orientation = _orientation(img)
-    if img.mode in ("I;16", "I;16B", "I;16L"):
+    if img.mode.startswith("I;16"):
         img = _eight_bits(img)
     target = "RGBA" if _has_alpha(img) else "RGB"
     factor = max(1, max(img.size) // (2 * max(PROFILE_SIZE)))

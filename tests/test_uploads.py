@@ -74,15 +74,30 @@ def test_real_images_are_reencoded_as_webp(data):
     assert img.size in ((40, 20), (300, 200))
 
 
+def sixteen_bit_grey(left: int, right: int) -> bytes:
+    """A 40x20 16-bit greyscale PNG, one value on the left half and another on the right."""
+    row = left.to_bytes(2, "big") * 20 + right.to_bytes(2, "big") * 20
+    out = io.BytesIO()
+    Image.frombytes("I;16B", (40, 20), row * 20).save(out, "PNG")
+    return out.getvalue()
+
+
 def test_a_16_bit_greyscale_photo_keeps_its_tones():
     # A quarter and three quarters of full scale: stored in 8 bits as 64 and 192, not clipped to
     # white (Pillow's own conversion of 16-bit grey clips every value above 255).
-    row = (0x4000).to_bytes(2, "big") * 20 + (0xC000).to_bytes(2, "big") * 20
-    out = io.BytesIO()
-    Image.frombytes("I;16B", (40, 20), row * 20).save(out, "PNG")
-    img = assert_clean_webp(uploads.reencode(out.getvalue())).convert("L")
+    img = assert_clean_webp(uploads.reencode(sixteen_bit_grey(0x4000, 0xC000))).convert("L")
     dark, light = img.getpixel((5, 10)), img.getpixel((35, 10))
     assert abs(dark - 64) <= 8 and abs(light - 192) <= 8, (dark, light)
+
+
+def test_a_16_bit_greyscale_photo_keeps_its_transparent_colour_key():
+    # tRNS names the one 16-bit value that is transparent: the left half here.
+    data = images.insert_png_chunk(sixteen_bit_grey(0x8000, 0x4000), b"tRNS", b"\x80\x00")
+    img = assert_clean_webp(uploads.reencode(data))
+    assert img.mode == "RGBA"
+    clear, grey = img.getpixel((5, 10)), img.getpixel((35, 10))
+    assert clear[3] == 0 and grey[3] == 255, (clear, grey)
+    assert abs(grey[0] - 64) <= 8, grey
 
 
 def test_large_photo_is_scaled_down_to_profile_size():
