@@ -848,10 +848,8 @@ def test_a_busy_refusal_is_a_503_with_retry_after_and_stores_nothing(
     assert stored_bytes(app) == before
 
 
-def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
-    # Two decode while two wait their turn: all four succeed, and every decode
-    # ran on the pool's own threads, never more of them than MAX_DECODES.
-    data = images.png((1_500, 1_500))
+def decode_at_once(data: bytes) -> tuple[list[object], list[threading.Thread]]:
+    """Upload ``data`` from PLACES threads at once: what each got, and the decode threads then."""
     results: list[object] = []
     start = threading.Barrier(PLACES)
 
@@ -867,8 +865,14 @@ def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
         worker.start()
     for worker in workers:
         worker.join()
+    return results, [t for t in threading.enumerate() if t.name.startswith("photo-decode")]
+
+
+def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
+    # Two decode while two wait their turn: all four succeed, and every decode
+    # ran on the pool's own threads, never more of them than MAX_DECODES.
+    results, decoders = decode_at_once(images.png((1_500, 1_500)))
     assert all(isinstance(r, bytes) for r in results), results
-    decoders = [t for t in threading.enumerate() if t.name.startswith("photo-decode")]
     assert 1 <= len(decoders) <= uploads.MAX_DECODES
     # Every place came back: the queue is empty again.
     for _ in range(PLACES):
@@ -879,23 +883,26 @@ def test_uploads_up_to_the_queue_all_decode_on_at_most_two_threads():
 
 def test_a_forked_child_decodes_on_its_own_threads():
     # A gunicorn worker (or any fork) after this process has decoded: the child
-    # must not queue its decodes for the parent's pool threads, which it lacks.
-    data = images.png()
+    # must not queue its decodes for the parent's pool threads, which it lacks,
+    # and its own pool keeps the same bounds: at most MAX_DECODES threads.
+    data = images.png((600, 600))  # long enough to decode that the uploads overlap
     uploads.reencode(data)  # the pool's threads now exist, in this process only
-    for _ in range(uploads.MAX_DECODES + uploads.MAX_WAITING):
+    for _ in range(PLACES):
         assert uploads._admitted.acquire(blocking=False)  # the parent's places all taken
     try:
         pid = os.fork()
-        if pid == 0:  # the child: exit 0 only if its upload was decoded
+        if pid == 0:  # the child: exit 0 only if its uploads were decoded within the bounds
             code = 1
             try:
-                code = 0 if decode(uploads.reencode(data)).format == "WEBP" else 2
+                results, decoders = decode_at_once(data)
+                decoded = all(decode(r).format == "WEBP" for r in results)
+                code = 0 if decoded and 1 <= len(decoders) <= uploads.MAX_DECODES else 2
             except BaseException:
                 code = 3
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
     finally:
-        for _ in range(uploads.MAX_DECODES + uploads.MAX_WAITING):
+        for _ in range(PLACES):
             uploads._admitted.release()
     assert os.waitstatus_to_exitcode(status) == 0
