@@ -18,7 +18,9 @@ ran in none of the selected tests) and "suspicious" count as not detected.
 Declared equivalents live in tests/mutation_equivalents.txt: one mutant name per line, then
 its reason. Only survivors are counted out; a listed mutant that was killed is reported so the
 list can be pruned. A reason starting with "import-time:" marks a mutant mutmut cannot test
-(its function runs only at import); those get their own column.
+(its function runs only at import, or its effect shows only in a forked child or a measuring
+subprocess) and that was checked by hand; those get their own column, and count out whether
+mutmut says "survived" or "no tests".
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
 # A listed mutant whose reason starts with this is not equivalent but out of mutmut's reach: its
 # function runs only at import (a field factory, a decorator factory), before mutmut activates a
-# mutant, and mutmut ties it to whichever test was running then. Counted in their own column.
+# mutant, and mutmut ties it to whichever test was running then; or it runs only in a forked child,
+# or what it changes is measured only in a subprocess. Counted in their own column.
 IMPORT_TIME = "import-time:"
 WORK = ROOT / "mutants"
 # What the tests need beside the code (the app finds templates and public/ next to the package).
@@ -204,9 +207,20 @@ def natural(item: tuple[str, str]) -> tuple[str, int]:
     return stem, int(number) if number.isdigit() else 0
 
 
+def counted_out(status: str, reason: str | None) -> bool:
+    """Whether a listed mutant leaves the score: a survivor, or an import-time one no test reached.
+
+    mutmut reports "no tests" for a function that never ran in its own process (one that runs
+    only in a forked child, say); a hand-checked import-time line covers that case too.
+    """
+    if reason is None:
+        return False
+    return status == "survived" or (status == "no tests" and reason.startswith(IMPORT_TIME))
+
+
 def row(module: str, statuses: dict[str, str], equivalents: dict[str, str]) -> list[str]:
     counts = Counter(statuses.values())
-    listed = [n for n in statuses if n in equivalents and statuses[n] == "survived"]
+    listed = [n for n in statuses if counted_out(statuses[n], equivalents.get(n))]
     import_time = [n for n in listed if equivalents[n].startswith(IMPORT_TIME)]
     detected = counts["killed"] + counts["timeout"]
     missed = len(statuses) - detected - len(listed)
@@ -277,7 +291,7 @@ def main() -> None:
             if status in ("killed", "timeout"):
                 if name in equivalents:
                     stale.append(name)
-            elif name not in equivalents or status != "survived":
+            elif not counted_out(status, equivalents.get(name)):
                 survivors.append(f"{name}: {status}")
         print(f"{module}: {rows[-1][-2]} in {elapsed}", file=sys.stderr, flush=True)
 

@@ -331,6 +331,15 @@ def _too_costly(img: Image.Image, cost: int) -> str:
     )
 
 
+def _eight_bits(img: Image.Image) -> Image.Image:
+    """16-bit grey as 8-bit grey, scaled: Pillow's own conversion clips at 255, to white."""
+    # One 2-byte and one 1-byte copy at full size, less than _cost counts for the conversion.
+    grey = img.point(lambda v: v / 256).convert("L")
+    if "transparency" in img.info:  # the colour key, at the precision the pixels now have
+        grey.info["transparency"] = img.info["transparency"] >> 8
+    return grey
+
+
 def _orientation(img: Image.Image) -> int | None:
     try:
         return img.getexif().get(0x0112)
@@ -347,6 +356,8 @@ def _shrink(img: Image.Image) -> Image.Image:
         img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
     img.load()  # decodes every byte: truncated or corrupt files fail here
     orientation = _orientation(img)
+    if img.mode.startswith("I;16"):
+        img = _eight_bits(img)
     target = "RGBA" if _has_alpha(img) else "RGB"
     factor = max(1, max(img.size) // (2 * max(PROFILE_SIZE)))
     if _reduce_first(img):

@@ -132,27 +132,40 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height``: only the header is real."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    # One row of real pixels, compressed: a decoder that trusts the header
-    # would allocate width*height*3 bytes before noticing the rest is missing.
-    idat = zlib.compress(b"\x00" + b"\x00" * min(width, 4096) * 3, 9)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
+def png_bomb(width: int, height: int, **kind) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but which holds one row of pixels.
+
+    A decoder that trusts the header would allocate the whole image before
+    noticing the rest is missing. ``kind``: ``png_raw``'s bit_depth,
+    color_type and transparency.
+    """
+    return png_raw((width, height), rows=1, **kind)
 
 
-def jpeg_bomb(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is patched to claim ``width`` x ``height``."""
-    data = bytearray(jpeg((16, 16)))
-    sof = data.index(b"\xff\xc0")
-    # SOF0: marker(2) length(2) precision(1) height(2) width(2)
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
+def claim_size(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG ``data`` with its frame header patched to claim ``width`` x ``height``.
+
+    Its scans stay those of the small image: libjpeg decodes the blocks they
+    lack as flat grey, so only the header's size decides what decoding costs.
+    """
+    sof = next(start for marker, start, _ in jpeg_segments(data) if 0xC0 <= marker <= 0xC2)
+    # SOFn: marker(2) length(2) precision(1) height(2) width(2)
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
+
+
+def jpeg_bomb(
+    width: int,
+    height: int,
+    *,
+    mode: str = "RGB",
+    progressive: bool = False,
+    subsampling: int = -1,
+) -> bytes:
+    """A real 16x16 JPEG of that kind whose frame header claims ``width`` x ``height``."""
+    out = io.BytesIO()
+    extra = {"subsampling": subsampling} if subsampling >= 0 else {}
+    picture((16, 16), mode).save(out, "JPEG", quality=90, progressive=progressive, **extra)
+    return claim_size(out.getvalue(), width, height)
 
 
 def webp_bomb(width: int, height: int) -> bytes:
@@ -192,6 +205,12 @@ def polyglot_jpeg_disguised(image: bytes) -> bytes:
     return image + HTML + b"\xff\xd9"
 
 
+def insert_png_chunk(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    """The PNG ``data`` with one more chunk, just before its first IDAT."""
+    idat = data.index(b"IDAT") - 4  # the chunk starts with its length
+    return data[:idat] + _png_chunk(kind, payload) + data[idat:]
+
+
 def webp_chunks(data: bytes) -> list[bytes]:
     """The chunk types of a RIFF/WebP file, in order."""
     assert data[:4] == b"RIFF" and data[8:12] == b"WEBP", data[:16]
@@ -208,20 +227,6 @@ def webp_chunks(data: bytes) -> list[bytes]:
 # The big ones are cached: building them costs a few hundred MiB once.
 
 
-def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
-    """(marker, start, end) of each segment up to EOI; a scan's end includes its entropy data."""
-    segments, pos = [], 2
-    while data[pos + 1] != 0xD9:
-        marker = data[pos + 1]
-        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == 0xDA:
-            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
-                end += 1
-        segments.append((marker, pos, end))
-        pos = end
-    return segments
-
-
 @functools.cache
 def jpeg_scan_bomb(size: tuple[int, int] = (2000, 2000), scans: int = 2000) -> bytes:
     """A progressive JPEG whose last (tiny) AC refinement scan is repeated until ``scans`` scans.
@@ -233,7 +238,7 @@ def jpeg_scan_bomb(size: tuple[int, int] = (2000, 2000), scans: int = 2000) -> b
     out = io.BytesIO()
     base.save(out, "JPEG", quality=90, progressive=True)
     data = out.getvalue()
-    segments = _jpeg_segments(data)
+    segments = jpeg_segments(data)
     sos = [s for s in segments if s[0] == 0xDA]
     last = data[sos[-1][1] : sos[-1][2]]
     extra = last * (scans - len(sos))
@@ -303,19 +308,23 @@ def png_raw(
     frames: int = 0,
     text_bombs: int = 0,
     transparency: bool = False,
+    rows: int | None = None,
 ) -> bytes:
     """A PNG written by hand: any bit depth and colour type, all-zero pixels, small on the wire.
 
     ``chunk`` is the IDAT chunk size, ``extra_chunks`` adds that many tiny
     private chunks before IDAT, and ``frames`` makes it an APNG with that
     many extra one-pixel frames. ``text_bombs`` adds zTXt chunks of 1 KiB
-    that each inflate to 1 MiB; ``transparency`` adds a tRNS chunk.
+    that each inflate to 1 MiB; ``transparency`` adds a tRNS chunk. With
+    ``rows`` only that many rows of pixels are written: the file is cut short.
     """
     width, height = size
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
     row = 1 + (width * channels * bit_depth + 7) // 8
     packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(b"\x00" * row) for _ in range(height)) + packer.flush()
+    idat = b"".join(packer.compress(b"\x00" * row) for _ in range(height if rows is None else rows))
+    # With ``rows``, the compressed stream stops unfinished, as in a file cut short.
+    idat += packer.flush() if rows is None else packer.flush(zlib.Z_SYNC_FLUSH)
     out = [b"\x89PNG\r\n\x1a\n"]
     out.append(
         _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
@@ -344,7 +353,7 @@ def png_raw(
     return b"".join(out)
 
 
-def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
     """(marker, start, end) of each segment, a scan's entropy-coded data included."""
     pos, out = 2, []
     while pos < len(data):
@@ -372,7 +381,7 @@ def jpeg_first_scan_only(size: tuple[int, int], mode: str = "RGB", subsampling: 
         out, "JPEG", progressive=True, quality=90, subsampling=subsampling
     )
     data = out.getvalue()
-    first = next(end for marker, _, end in _jpeg_segments(data) if marker == 0xDA)
+    first = next(end for marker, _, end in jpeg_segments(data) if marker == 0xDA)
     return data[:first] + b"\xff\xd9"
 
 
@@ -381,13 +390,13 @@ def jpeg_one_component_scan(size: tuple[int, int]) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(out, "JPEG", quality=90, subsampling=0)
     data = out.getvalue()
-    _, start, _ = next(s for s in _jpeg_segments(data) if s[0] == 0xDA)
+    _, start, _ = next(s for s in jpeg_segments(data) if s[0] == 0xDA)
     length = struct.unpack(">H", data[start + 2 : start + 4])[0]
     sos = data[start + 4 : start + 2 + length]
     grey = io.BytesIO()
     Image.new("L", size, 80).save(grey, "JPEG", quality=90)
     g = grey.getvalue()
-    segments = _jpeg_segments(g)
+    segments = jpeg_segments(g)
     _, g_start, g_end = next(s for s in segments if s[0] == 0xDA)
     g_length = struct.unpack(">H", g[g_start + 2 : g_start + 4])[0]
     tables = b"".join(g[a:b] for marker, a, b in segments if marker in (0xC4, 0xDB))
