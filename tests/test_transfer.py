@@ -323,6 +323,7 @@ def test_a_photo_missing_from_the_folder_is_named_and_its_user_imported_without_
         pytest.param(images.HTML, id="an HTML page"),
         pytest.param(b"RIFF\x00\x00\x00\x00WEBP<script>alert(1)</script>", id="HTML as a WebP"),
         pytest.param(images.truncated(webp()), id="a WebP cut short"),
+        pytest.param(images.polyglot_html(webp()), id="a WebP with HTML after it"),
         pytest.param(webp(exif=images.exif().tobytes()), id="a WebP with EXIF"),
         pytest.param(webp(xmp=images.XMP), id="a WebP with XMP"),
         pytest.param(webp((PROFILE_SIZE[0] + 1, 1)), id="a WebP too wide"),

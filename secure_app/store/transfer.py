@@ -159,8 +159,10 @@ def _record_problem(key: str, record: Record, username_re: re.Pattern[str]) -> s
 
 def _is_webp(data: bytes) -> bool:
     """Whether ``data`` is a WebP as uploads.py stores them: decodable, at most the profile
-    size, and without the metadata (EXIF, XMP) the re-encoding drops."""
+    size, without the metadata (EXIF, XMP) the re-encoding drops, and nothing after it."""
     if len(data) > MAX_PHOTO_BYTES or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    if int.from_bytes(data[4:8], "little") + 8 != len(data):  # HTML appended: a polyglot
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:
