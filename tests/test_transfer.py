@@ -215,7 +215,10 @@ def alice(**fields: object) -> dict:
 
 
 NAME, OTHER = "ab" * 16 + ".webp", "cd" * 16 + ".webp"  # names the server could have made
-NOT_A_PHOTO = "is not a WebP image"
+NOT_A_PHOTO = (
+    "is not a photo the server stores "
+    "(a whole WebP of at most 512 x 512 pixels without EXIF or XMP)"
+)
 
 
 @pytest.mark.parametrize(
@@ -376,6 +379,19 @@ def test_import_refuses_a_photo_name_already_stored(app, runner, tmp_path):
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: nothing was imported: alice: a photo named {NAME} is stored already\n"
+    )
+    assert stored_bytes(app) == before
+
+
+def test_import_refuses_two_users_naming_one_photo(app, runner, tmp_path):
+    """Deleting either account would delete the other's photo."""
+    records = {"alice": alice(photo=NAME), "bob": {**new_user("bob", "$a$x"), "photo": NAME}}
+    folder = export_of(tmp_path, records, {NAME: webp()})
+    before = stored_bytes(app)
+    result = runner.invoke(args=["import-data", str(folder)])
+    assert result.exit_code == 1
+    assert (
+        result.stderr == f"Error: nothing was imported: bob: a photo named {NAME} is alice's too\n"
     )
     assert stored_bytes(app) == before
 
