@@ -221,6 +221,16 @@ NOT_A_PHOTO = (
 )
 
 
+def riff(body: bytes) -> bytes:
+    """A RIFF WebP file around ``body`` (its chunks), its length field right."""
+    return b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WEBP" + body
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    """One RIFF chunk (``data`` of an even length: no padding byte)."""
+    return kind + len(data).to_bytes(4, "little") + data
+
+
 @pytest.mark.parametrize(
     "photo",
     ["../../../outside.webp", "/tmp/outside.webp", "..", "x" * 32 + ".webp", {"a": 1}, 7, "a\x00"],
@@ -324,8 +334,9 @@ def test_a_photo_missing_from_the_folder_is_named_and_its_user_imported_without_
         pytest.param(images.png(), id="a PNG"),
         pytest.param(images.jpeg(), id="a JPEG"),
         pytest.param(images.HTML, id="an HTML page"),
-        pytest.param(b"RIFF\x00\x00\x00\x00WEBP<script>alert(1)</script>", id="HTML as a WebP"),
+        pytest.param(riff(b"<script>alert(1)</script>"), id="HTML as a WebP"),
         pytest.param(images.truncated(webp()), id="a WebP cut short"),
+        pytest.param(riff(chunk(b"VP8 ", webp()[20:40])), id="a WebP cut short, lengths mended"),
         pytest.param(images.polyglot_html(webp()), id="a WebP with HTML after it"),
         pytest.param(webp(exif=images.exif().tobytes()), id="a WebP with EXIF"),
         pytest.param(webp(xmp=images.XMP), id="a WebP with XMP"),
@@ -347,9 +358,7 @@ def test_import_refuses_a_photo_the_server_could_not_have_stored(app, runner, tm
 def padded(data: bytes, size: int) -> bytes:
     """The WebP ``data`` grown to ``size`` bytes by a chunk that decoders skip."""
     body = data[12:]
-    pad = size - 12 - len(body) - 8
-    body += b"JUNK" + pad.to_bytes(4, "little") + bytes(pad)
-    return b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WEBP" + body
+    return riff(body + chunk(b"JUNK", bytes(size - len(data) - 8)))
 
 
 @pytest.mark.parametrize(
@@ -408,6 +417,7 @@ def test_a_refused_import_names_every_problem_not_only_the_first(app, runner, tm
         "bob": {**new_user("bob", "$a$x"), "photo": "../x.webp"},
         "carol": {**new_user("carol", "$a$x"), "photo": NAME},
         "dave": {**new_user("dave", "$a$x"), "photo": taken},
+        "frank": {**new_user("frank", "$a$x"), "photo": NAME},
         "erin": {**new_user("erin", "$a$x"), "sessions": []},
         "ivan": new_user("ivan", "$theirs$"),
     }
@@ -421,6 +431,7 @@ def test_a_refused_import_names_every_problem_not_only_the_first(app, runner, tm
         "bob: the photo name '../x.webp' is not one the server makes; "
         f"carol: photos/{NAME} {NOT_A_PHOTO}; "
         f"dave: a photo named {taken} is stored already; "
+        f"frank: a photo named {NAME} is carol's too; "
         "'erin': its sessions are not a mapping"
     ]
     assert stored_bytes(app) == before
