@@ -31,6 +31,11 @@ from .text import FolderPhotos, TextStore, read_records
 
 # Re-encoded profile photos are a few tens of KiB; anything near this is not one.
 MAX_PHOTO_BYTES = 5 * 1024 * 1024
+# Why a photo file is refused: all the operator needs to know to mend the folder.
+NOT_A_PHOTO = (
+    f"is not a photo the server stores (a whole WebP of at most {PROFILE_SIZE[0]} x "
+    f"{PROFILE_SIZE[1]} pixels without EXIF or XMP)"
+)
 
 
 class TransferError(Exception):
@@ -99,7 +104,7 @@ def import_from(
         problems.append(f"these users exist already: {', '.join(clashes)}")
     plan: list[tuple[str, Record, bytes | None]] = []
     moved = Moved()
-    seen: set[str] = set()
+    named_by: dict[str, str] = {}  # photo name -> the user it is imported for
     for key, record in source.items():
         problem = _record_problem(key, record, username_re)
         if problem:
@@ -107,16 +112,19 @@ def import_from(
             continue
         name, data = record.get("photo"), None
         if name:
-            if not _is_photo_name(name) or name in seen:
+            if not _is_photo_name(name):
                 problems.append(f"{key}: the photo name {name!r} is not one the server makes")
                 continue
-            seen.add(name)
+            if name in named_by:
+                problems.append(f"{key}: a photo named {name} is {named_by[name]}'s too")
+                continue
+            named_by[name] = key
             stored = source_photos.get(name)
             if stored is None:
                 moved.missing_photos.append(key)
                 record = {**record, "photo": None}
             elif not _is_webp(stored.data):
-                problems.append(f"{key}: photos/{name} is not a WebP image")
+                problems.append(f"{key}: photos/{name} {NOT_A_PHOTO}")
                 continue
             elif photos.get(name) is not None:
                 problems.append(f"{key}: a photo named {name} is stored already")
@@ -159,8 +167,10 @@ def _record_problem(key: str, record: Record, username_re: re.Pattern[str]) -> s
 
 def _is_webp(data: bytes) -> bool:
     """Whether ``data`` is a WebP as uploads.py stores them: decodable, at most the profile
-    size, and without the metadata (EXIF, XMP) the re-encoding drops."""
+    size, without the metadata (EXIF, XMP) the re-encoding drops, and nothing after it."""
     if len(data) > MAX_PHOTO_BYTES or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    if int.from_bytes(data[4:8], "little") + 8 != len(data):  # HTML appended: a polyglot
         return False
     try:
         with Image.open(io.BytesIO(data)) as image:
