@@ -471,3 +471,72 @@ def test_leftover_copy_from_a_killed_compaction_is_removed(store, folder):
         assert not stale.exists()
     finally:
         fresh.close()
+
+
+# -- read_records: the read-only reader that import-data uses -----------------------------------
+
+
+def test_read_records_takes_the_last_good_line_of_each_key_and_changes_nothing(folder):
+    folder.mkdir()
+    path = folder / "users.jsonl"
+    path.write_bytes(
+        encode_line("alice", user("alice", bio="first"))
+        + b"not a record, skipped\n"
+        + encode_line("bob", user("bob", full_name="Bob Two Words"))
+        + encode_line("alice", user("alice", bio="second"))
+        + b" " * 20
+        + b"\n"
+        + encode_line("carol", user("carol"))[:40]  # a torn write: never acknowledged
+    )
+    before = path.read_bytes()
+    records = store_module.read_records(path)
+    assert sorted(records) == ["alice", "bob"]
+    assert records["alice"]["bio"] == "second"
+    assert records["bob"]["full_name"] == "Bob Two Words"
+    assert path.read_bytes() == before  # not healed: a reader never writes
+    assert sorted(p.name for p in folder.iterdir()) == ["users.jsonl"]  # no lock, no side file
+
+
+def test_read_records_skips_a_line_without_its_checksum_as_the_store_does(folder):
+    """A line added by hand is not a record: import-data must not load what the site would not."""
+    folder.mkdir()
+    path = folder / "users.jsonl"
+    path.write_bytes(
+        encode_line("alice", user("alice"))
+        + b'{"k":"mallory","v":{"username":"mallory","password_hash":"$argon2id$mine"}}\n'
+    )
+    assert sorted(store_module.read_records(path)) == ["alice"]
+    store = TextStore(folder)
+    try:
+        assert store.keys() == ["alice"]
+    finally:
+        store.close()
+
+
+def test_read_records_reads_a_file_in_the_format_before_checksums(folder):
+    folder.mkdir()
+    path = folder / "users.jsonl"
+    rows = [json.dumps({"k": name, "v": user(name, bio=f"{name} b")}) for name in ("ann", "ben")]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    records = store_module.read_records(path)
+    assert sorted(records) == ["ann", "ben"] and records["ben"]["bio"] == "ben b"
+
+
+def test_read_records_follows_no_symlink(folder):
+    folder.mkdir()
+    secret = folder / "elsewhere.jsonl"
+    secret.write_bytes(encode_line("alice", user("alice")))
+    (folder / "users.jsonl").symlink_to(secret)
+    with pytest.raises(OSError) as refused:
+        store_module.read_records(folder / "users.jsonl")
+    assert refused.value.errno == errno.ELOOP
+
+
+def test_read_records_refuses_a_fifo_without_waiting_for_a_writer(folder):
+    folder.mkdir()
+    path = folder / "users.jsonl"
+    os.mkfifo(path)  # opening it for reading would wait for a writer
+    with pytest.raises(OSError) as refused:
+        store_module.read_records(path)
+    assert refused.value.errno == errno.EINVAL
+    assert refused.value.strerror == f"{path} is not a regular file"

@@ -174,7 +174,10 @@ def read_records(path: Path) -> dict[str, Record]:
 def _in_earlier_format(data: bytes) -> bool:
     """Whether a file starting with ``data`` was written before lines had checksums."""
     first = data[: data.find(b"\n") + 1]
-    return bool(first) and _decode(first[:-1], earlier=True) is not None
+    # A first line with its checksum is today's format, whatever follows it.
+    return (
+        bool(first) and not _checked(first[:-1]) and _decode(first[:-1], earlier=True) is not None
+    )
 
 
 def _records_end(data: bytes) -> int:
