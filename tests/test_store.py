@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import secure_app.store.text as store_module
-from helpers import NASTY_TEXT, file_size_limit, record_lines
+from helpers import NASTY_TEXT, file_size_limit, no_free_descriptors, record_lines
 from secure_app.store import StoreError, new_user
 from secure_app.store.text import COMPACT_MIN_DEAD, RESERVE, TextStore, encode_line
 
@@ -540,3 +540,19 @@ def test_read_records_refuses_a_fifo_without_waiting_for_a_writer(folder):
         store_module.read_records(path)
     assert refused.value.errno == errno.EINVAL
     assert refused.value.strerror == f"{path} is not a regular file"
+
+
+def test_delete_in_a_process_out_of_file_descriptors_is_refused_and_changes_nothing(
+    store, folder, caplog
+):
+    """A StoreError (a 503 page, "nothing was changed"), not any OSError (a 500)."""
+    store.create("alice", user("alice"))
+    store.create("bob", user("bob"))
+    before = (folder / "users.jsonl").read_bytes()
+    with no_free_descriptors(), pytest.raises(StoreError, match="cannot rewrite the database: "):
+        store.delete("alice")
+    assert (folder / "users.jsonl").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["users.jsonl", "users.lock"]
+    assert f"could not look for copies left in {folder}" in caplog.text
+    assert store.get("alice") is not None
+    assert store.delete("alice")  # once descriptors are free again

@@ -663,7 +663,12 @@ class TextStore:
         Only called under the lock, when no compaction runs. They may hold
         records deleted since, which must not linger on disk.
         """
-        for stale in self.folder.glob(f".{self.path.name}.*.tmp"):
+        try:
+            copies = list(self.folder.glob(f".{self.path.name}.*.tmp"))
+        except OSError:  # out of descriptors, say: the change goes on; the next compaction looks
+            log.exception("could not look for copies left in %s", self.folder)
+            return
+        for stale in copies:
             log.warning("removing %s, left by an interrupted compaction", stale)
             try:
                 stale.unlink(missing_ok=True)
