@@ -22,6 +22,8 @@ from secure_app.store.text import (
     CHUNK,
     COMPACT_MIN_DEAD,
     RESERVE,
+    UPLOAD_TMP_RE,
+    FolderPhotos,
     TextStore,
     encode_line,
 )
@@ -907,3 +909,96 @@ def test_read_records_refuses_a_fifo_without_waiting_for_a_writer(folder):
         store_module.read_records(path)
     assert refused.value.errno == errno.EINVAL
     assert refused.value.strerror == f"{path} is not a regular file"
+
+
+# -- FolderPhotos: the text backend's photos (what both backends promise: test_store_contract.py)
+
+PHOTO = "ab" * 16 + ".webp"
+
+
+def test_a_photo_is_synced_under_a_name_remove_accepts_then_renamed_and_the_folder_synced(
+    tmp_path, monkeypatch
+):
+    """A crash before the rename leaves a file prune-photos can remove, never half a photo."""
+    folder = tmp_path / "public" / "photos"  # made, parents too, by the first put
+    syncs: list[tuple[bool, list[str]]] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        syncs.append((stat.S_ISDIR(os.fstat(fd).st_mode), sorted(os.listdir(folder))))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    FolderPhotos(folder).put(PHOTO, b"photo bytes")
+    (file_synced, before), (folder_synced, after) = syncs
+    assert not file_synced and len(before) == 1 and UPLOAD_TMP_RE.match(before[0])
+    assert folder_synced and after == [PHOTO]
+    assert (folder / PHOTO).read_bytes() == b"photo bytes"
+    assert stat.S_IMODE((folder / PHOTO).stat().st_mode) == 0o644  # public: served to anyone
+    FolderPhotos(folder).put("cd" * 16 + ".webp", b"more")  # the folder exists now
+    assert sorted(os.listdir(folder)) == [PHOTO, "cd" * 16 + ".webp"]
+
+
+def test_a_photo_the_disk_cannot_take_whole_leaves_no_file(tmp_path):
+    photos = FolderPhotos(tmp_path / "photos")
+    with file_size_limit(100), pytest.raises(StoreError, match="^cannot save the photo: File too"):
+        photos.put(PHOTO, b"x" * 10_000)
+    assert os.listdir(tmp_path / "photos") == []
+
+
+def test_a_photo_whose_rename_cannot_be_synced_is_taken_away_again(tmp_path, monkeypatch):
+    """Not synced, the name could vanish in a power cut after the record named it: refuse."""
+
+    def broken_sync(path: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(store_module, "_fsync_dir", broken_sync)
+    with pytest.raises(StoreError, match="^cannot save the photo: Input/output error$"):
+        FolderPhotos(tmp_path).put(PHOTO, b"photo bytes")
+    assert os.listdir(tmp_path) == []
+
+
+def test_get_reads_no_symlink_fifo_or_folder_as_a_photo(tmp_path):
+    (tmp_path / "secret").write_bytes(b"not a photo")
+    names = ["01" * 16 + ".webp", "02" * 16 + ".webp", "03" * 16 + ".webp"]
+    (tmp_path / names[0]).symlink_to(tmp_path / "secret")
+    os.mkfifo(tmp_path / names[1])  # opening it for reading would wait for a writer
+    (tmp_path / names[2]).mkdir()
+    photos = FolderPhotos(tmp_path)
+    assert [photos.get(name) for name in names] == [None, None, None]
+
+
+def test_get_from_a_photo_folder_that_is_not_a_folder_is_an_error_not_a_missing_photo(tmp_path):
+    (tmp_path / "photos").write_bytes(b"")
+    with pytest.raises(StoreError, match="^cannot read the photo: Not a directory$"):
+        FolderPhotos(tmp_path / "photos").get(PHOTO)
+
+
+def test_remove_takes_a_leftover_upload_and_refuses_every_other_name(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    leftover = folder / ".upload-k3_x9Q.tmp"
+    leftover.write_bytes(b"half a photo")
+    kept = {folder / "users.jsonl": b"data", tmp_path / "victim.webp": b"keep me"}
+    for path, data in kept.items():
+        path.write_bytes(data)
+    photos = FolderPhotos(folder)
+    photos.remove(leftover.name)
+    assert not leftover.exists()
+    for name in ["users.jsonl", "../victim.webp", ".upload-x.tmp/../../victim.webp", 7]:
+        with pytest.raises(ValueError):
+            photos.remove(name)
+    assert all(path.read_bytes() == data for path, data in kept.items())
+
+
+def test_listing_shows_regular_files_only_and_nothing_for_a_missing_folder(tmp_path):
+    folder = tmp_path / "photos"
+    assert FolderPhotos(folder).listing() == {}
+    folder.mkdir()
+    (folder / PHOTO).write_bytes(b"photo")
+    (folder / ".upload-abc.tmp").write_bytes(b"left by a crash")
+    (folder / "linked.webp").symlink_to(folder / PHOTO)
+    (folder / "sub").mkdir()
+    listed = FolderPhotos(folder).listing()
+    assert sorted(listed) == [".upload-abc.tmp", PHOTO]
+    assert listed[PHOTO] == (folder / PHOTO).stat().st_mtime

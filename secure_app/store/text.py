@@ -799,10 +799,11 @@ class FolderPhotos:
             if exc.errno == errno.ELOOP:  # a symlink: not a photo this server stored
                 return None
             raise StoreError(f"cannot read the photo: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder (which fdopen would refuse)
+            os.close(fd)
+            return None
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return None
             return Photo(f.read(), st.st_mtime)
 
     def remove(self, name: str) -> None:
