@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import ctypes
 import errno
 import json
 import os
@@ -149,7 +150,7 @@ def test_torn_last_line_is_discarded_on_open_and_cleared(folder, caplog):
     # A writer killed part-way through its single write leaves the start of a line.
     write_after_records(folder, encode_line("carol", user("carol"))[:40])
     assert_healed(folder, good)
-    assert f"discarding a torn write at the end of {folder / 'users.jsonl'}" in caplog.text
+    assert f"discarding a torn write at the end of {folder / 'users.jsonl'}" in caplog.messages
 
 
 def test_complete_record_without_its_newline_counts_as_torn(folder):
@@ -223,7 +224,7 @@ def test_lines_after_the_last_record_that_no_write_leaves_are_moved_aside_and_sa
         f"{folder / 'users.jsonl'} had {len(tail)} bytes after its last record that no"
         f" interrupted write leaves (was it edited by hand?): they were moved to {side}, and"
         " saving goes on. Look at that file; records in it were NOT loaded."
-    ) in caplog.text
+    ) in caplog.messages
     again = TextStore(folder)
     try:
         assert again.get("alice")["bio"] == "new" and again.get("bob")["bio"] == "kept too"
@@ -248,7 +249,6 @@ def test_a_foreign_tail_after_the_reserve_does_not_stop_logins(folder):
 
 def test_statx_that_cannot_be_used_falls_back_to_stat(folder, monkeypatch, caplog):
     """Older kernels and seccomp sandboxes answer statx(2) with ENOSYS, EPERM or EINVAL."""
-    import ctypes
 
     for code in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
         calls = []
@@ -270,11 +270,12 @@ def test_statx_that_cannot_be_used_falls_back_to_stat(folder, monkeypatch, caplo
             reader.close()
         assert calls, "the fake statx was never asked"
         assert store_module._STATX is None  # given up after the first refusal
-        assert f"statx(2) is not usable here ({os.strerror(code)}); using stat(2)" in caplog.text
+        assert (
+            f"statx(2) is not usable here ({os.strerror(code)}); using stat(2)" in caplog.messages
+        )
 
 
 def test_statx_errors_about_the_file_itself_are_not_hidden(folder, monkeypatch):
-    import ctypes
 
     def denied(*args):
         ctypes.set_errno(errno.EACCES)
@@ -305,6 +306,7 @@ def test_identity_is_the_device_inode_and_size_that_stat_gives(tmp_path, monkeyp
     assert store_module._identity(path) == (st.st_dev, st.st_ino, 70_000)
     assert store_module._STATX is statx  # answered by statx, not by the fallback
     gone = tmp_path / "gone"
+    ctypes.set_errno(0)  # so the error read is this call's own
     with pytest.raises(FileNotFoundError) as missing:
         store_module._identity(gone)
     assert missing.value.filename == str(gone)
@@ -419,9 +421,10 @@ def test_data_file_deleted_while_in_use_is_noticed_and_the_next_save_starts_a_ne
 
 
 def test_the_path_is_looked_at_once_per_recheck_interval_not_on_every_read(folder, monkeypatch):
-    """A read that finds nothing new costs one pread: no stat of the path."""
-    monkeypatch.setattr(store_module, "RECHECK", 3600.0)
+    """A read that finds nothing new costs one pread; the path is looked at every RECHECK s."""
     seed_two(folder)
+    now = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: now[0])
     looks = []
     real = store_module._identity
     monkeypatch.setattr(store_module, "_identity", lambda path: looks.append(path) or real(path))
@@ -429,37 +432,52 @@ def test_the_path_is_looked_at_once_per_recheck_interval_not_on_every_read(folde
     try:
         assert store.get("alice")["bio"] == "kept"
         assert len(looks) == 1
-        for _ in range(20):
+        now[0] += store_module.RECHECK / 2
+        for _ in range(5):
             assert store.get("bob")["bio"] == "kept too"
         assert len(looks) == 1
+        now[0] = 1000.0 + store_module.RECHECK  # due, to the tick
+        assert store.get("bob")["bio"] == "kept too"
+        assert len(looks) == 2
+        now[0] += store_module.RECHECK / 2
+        for _ in range(5):
+            assert store.get("bob")["bio"] == "kept too"
+        assert len(looks) == 2
     finally:
         store.close()
 
 
-def test_a_store_reads_only_the_bytes_it_has_not_seen(folder, monkeypatch):
-    """O(1) per update: neither the writer nor another handle reads earlier lines again."""
-    reads: list[int] = []
+def watch_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The offset of every ``os.pread`` from now on: where a store reads."""
+    offsets: list[int] = []
     real = os.pread
 
     def spy(fd: int, length: int, offset: int) -> bytes:
-        reads.append(offset)
+        offsets.append(offset)
         return real(fd, length, offset)
 
+    monkeypatch.setattr(os, "pread", spy)
+    return offsets
+
+
+def test_a_store_reads_only_the_bytes_it_has_not_seen(folder, monkeypatch):
+    """O(1) per update: neither the writer nor another handle reads earlier lines again."""
     writer, reader = TextStore(folder), TextStore(folder)
     try:
-        for i in range(20):
+        writer.create("user0", user("user0"))  # a new file
+        with monkeypatch.context() as watched:
+            reads = watch_reads(watched)
+            assert writer.get("user0") is not None  # the writer knows what it wrote
+            assert reads and min(reads) >= records_end(folder)
+        for i in range(1, 20):
             writer.create(f"user{i}", user(f"user{i}"))
-        seen = records_end(folder)
-        monkeypatch.setattr(os, "pread", spy)
-        assert writer.get("user3") is not None  # the writer knows what it wrote
-        assert reads and min(reads) >= seen
-        monkeypatch.undo()
         assert reader.get("user3") is not None  # the reader reads everything once
+        seen = records_end(folder)
         writer.update("user7", lambda r: r.update(bio="new"))
-        reads.clear()
-        monkeypatch.setattr(os, "pread", spy)
-        assert reader.get("user7")["bio"] == "new"
-        assert reads and min(reads) >= seen  # then only the new line
+        with monkeypatch.context() as watched:
+            reads = watch_reads(watched)
+            assert reader.get("user7")["bio"] == "new"
+            assert reads and min(reads) >= seen  # then only the new line
     finally:
         writer.close()
         reader.close()
@@ -512,7 +530,9 @@ def test_garbage_line_in_the_middle_is_skipped_not_fatal(folder, caplog):
         assert sorted(reader.keys()) == ["alice", "bob"]
     finally:
         reader.close()
-    assert f"skipping a line that is not a whole record in {folder / 'users.jsonl'}" in caplog.text
+    assert (
+        f"skipping a line that is not a whole record in {folder / 'users.jsonl'}" in caplog.messages
+    )
     assert sorted(store_module.read_records(folder / "users.jsonl")) == ["alice", "bob"]
 
 
@@ -627,7 +647,7 @@ def test_a_failed_save_that_cannot_be_taken_back_is_healed_at_the_next_read(
         broken.setattr(os, "ftruncate", broken_truncate)
         with pytest.raises(StoreError, match="cannot write the database"):
             store.update("alice", lambda r: r.update(bio="z" * RESERVE))
-    assert f"could not roll back a failed write to {path}" in caplog.text
+    assert f"could not roll back a failed write to {path}" in caplog.messages
     assert os.path.getsize(path) == size + 50  # the part written is still there...
     assert store.get("alice")["bio"] == "old"  # ...until the next read turns it into spaces
     assert len(lines(folder)) == 1 and os.path.getsize(path) == size + 50
@@ -667,7 +687,7 @@ def test_delete_that_cannot_sync_the_folder_afterwards_still_counts_as_done(
     assert store.delete("alice") is True
     assert b"secret" not in (folder / "users.jsonl").read_bytes()
     assert "alice" not in TextStore(folder)
-    assert f"could not sync {folder} after replacing users.jsonl" in caplog.text
+    assert f"could not sync {folder} after replacing users.jsonl" in caplog.messages
 
 
 def test_no_save_goes_into_a_new_file_whose_name_the_folder_has_not_synced(folder, monkeypatch):
@@ -760,15 +780,21 @@ def test_a_store_opened_on_a_file_counts_the_dead_lines_already_in_it(folder, mo
     assert TextStore(folder).get("alice")["bio"] == "v3"
 
 
-def test_compaction_of_more_than_one_write_chunk_keeps_every_record_in_place(store, folder):
+def test_compaction_of_more_than_one_write_chunk_keeps_every_record_in_place(
+    store, folder, monkeypatch
+):
     """The fresh copy is written CHUNK bytes at a time; what follows the first chunk counts too."""
     names = ("alice", "bob", "carol")
     for name in names:  # each line is more than half a chunk: three of them make two writes
         store.create(name, user(name, bio=name[0] * (CHUNK // 2)))
         store.update(name, lambda r: r.update(phone="+1"))
-    store.compact()
     live = b"".join(encode_line(name, store.get(name)) for name in names)
+    store.compact()
     assert (folder / "users.jsonl").read_bytes() == live + b" " * (RESERVE - 1) + b"\n"
+    with monkeypatch.context() as watched:
+        reads = watch_reads(watched)
+        assert store.get("alice")["phone"] == "+1"
+        assert min(reads) >= len(live)  # knows where its copy ends: reads none of it back
     store.update("bob", lambda r: r.update(phone="+2"))  # written just after the last record
     assert (folder / "users.jsonl").read_bytes().startswith(live)
     again = TextStore(folder)
@@ -789,7 +815,7 @@ def test_a_compaction_that_fails_keeps_the_update_that_started_it(
     inode = os.stat(path).st_ino
     with no_free_descriptors():  # the fresh copy cannot be opened
         assert store.update("alice", lambda r: r.update(bio="2"))["bio"] == "2"
-    assert f"compaction of {path} failed" in caplog.text
+    assert f"compaction of {path} failed" in caplog.messages
     assert os.stat(path).st_ino == inode and len(lines(folder)) == 3  # saved, not compacted
     assert TextStore(folder).get("alice")["bio"] == "2"
     store.update("alice", lambda r: r.update(bio="3"))  # the next update compacts
@@ -807,7 +833,7 @@ def test_delete_in_a_process_out_of_file_descriptors_is_refused_and_changes_noth
         store.delete("alice")
     assert (folder / "users.jsonl").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["users.jsonl", "users.lock"]
-    assert f"could not look for copies left in {folder}" in caplog.text
+    assert f"could not look for copies left in {folder}" in caplog.messages
     assert store.get("alice") is not None
     assert store.delete("alice")  # once descriptors are free again
 
@@ -822,7 +848,7 @@ def test_leftover_copy_from_a_killed_compaction_is_removed(store, folder, caplog
         assert not stale.exists()
     finally:
         fresh.close()
-    assert f"removing {stale}, left by an interrupted compaction" in caplog.text
+    assert f"removing {stale}, left by an interrupted compaction" in caplog.messages
 
 
 def test_a_leftover_that_cannot_be_removed_is_logged_and_saving_goes_on(store, folder, caplog):
@@ -836,7 +862,7 @@ def test_a_leftover_that_cannot_be_removed_is_logged_and_saving_goes_on(store, f
         assert fresh.delete("bob")  # a compaction goes on too
     finally:
         fresh.close()
-    assert f"could not remove {stuck}" in caplog.text
+    assert f"could not remove {stuck}" in caplog.messages
     again = TextStore(folder)
     assert again.keys() == ["alice"] and again.get("alice")["bio"] == "saved"
     again.close()

@@ -210,7 +210,7 @@ def test_a_torn_write_a_read_only_folder_keeps_is_logged_reads_go_on_and_saves_a
     reader = TextStore(faulty.path)
     try:
         assert reader.get("alice")["bio"] == "old bio"
-        assert "cannot repair the database: Read-only file system" in caplog.text
+        assert "cannot repair the database: Read-only file system" in caplog.messages
         with pytest.raises(StoreError, match="^cannot repair the database: Read-only file sys"):
             reader.update("bob", lambda r: r.update(bio="new"))
         assert reader.get("bob")["bio"] == "bob's"
