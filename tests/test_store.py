@@ -483,11 +483,19 @@ def test_a_store_reads_only_the_bytes_it_has_not_seen(folder, monkeypatch):
         reader.close()
 
 
-def test_reading_new_bytes_goes_on_to_the_end_of_a_file_that_grew_meanwhile(tmp_path):
+def test_reading_new_bytes_goes_on_to_the_end_of_a_file_that_grew_meanwhile(tmp_path, monkeypatch):
     data = bytes(range(256)) * 800  # past the first read's 64 KiB
     (tmp_path / "grown").write_bytes(data)
+    reads = watch_reads(monkeypatch)
     fd = os.open(tmp_path / "grown", os.O_RDONLY)
+    real = os.pread
+
+    def bounded(fd: int, length: int, offset: int) -> bytes:
+        assert len(reads) < 10, "200 KB in 64 KiB pieces is 5 reads, not endless ones"
+        return real(fd, length, offset)
+
     try:
+        monkeypatch.setattr(os, "pread", bounded)
         assert store_module._read_to_end(fd, 10, 5) == data[10:]  # 5 bytes were expected
     finally:
         os.close(fd)
