@@ -7,6 +7,7 @@ module named ``conftest``, so ``from conftest import ...`` would pick either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -246,6 +247,29 @@ def file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+@contextlib.contextmanager
+def no_free_descriptors() -> Iterator[None]:
+    """Make every new open fail with EMFILE, as in a process at its open-file limit.
+
+    Descriptors already open keep working.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))), hard))
+    held = []
+    try:
+        while True:  # fill the free numbers below the limit
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def record_lines(path: Path) -> list[bytes]:

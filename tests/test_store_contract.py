@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from helpers import NASTY_TEXT, database_rows, namespaced_url, open_store
 from secure_app.store import RecordGone, new_user
 from secure_app.store.postgres import storable
+from secure_app.store.text import FolderPhotos
 
 
 def user(name: str, **fields: object) -> dict:
@@ -82,6 +85,7 @@ def test_update_of_a_missing_key_raises_record_gone_and_stores_nothing(backend, 
     with pytest.raises(RecordGone) as gone:
         store.update("mallory", lambda r: r.update(bio="x"))
     assert isinstance(gone.value, KeyError)  # callers that expect a KeyError still get one
+    assert gone.value.args == ("mallory",)
     assert backend.snapshot() == before
     assert "mallory" not in store
 
@@ -118,6 +122,18 @@ def test_returned_records_are_copies_not_the_stored_state(store):
     saved = store.update("alice", lambda r: None)
     saved["bio"] = "mutated too"
     assert store.get("alice")["bio"] == "safe"
+
+
+def test_items_lists_every_record_once_as_a_fresh_copy(store):
+    store.create("alice", user("alice", bio="a"))
+    store.create("bob", user("bob", bio="b"))
+    store.update("alice", lambda r: r.update(bio="a2"))
+    items = store.items()
+    assert sorted(key for key, _ in items) == ["alice", "bob"]  # once each, whatever the updates
+    assert dict(items) == {"alice": store.get("alice"), "bob": store.get("bob")}
+    assert dict(items)["alice"]["bio"] == "a2"
+    dict(items)["bob"]["bio"] = "mutated"
+    assert store.get("bob")["bio"] == "b"
 
 
 def test_delete_forgets_the_record_at_once_for_every_handle(backend, store):
@@ -223,3 +239,59 @@ def test_find_matches_a_value_however_the_record_had_to_be_written(store):
     assert store.find("webauthn_user", "hé-1") == ["readable"]
     assert store.find("webauthn_user", "hé-2") == ["escaped"]
     assert store.find("webauthn_user", "hé") == []
+
+
+def test_find_matches_the_whole_value_of_that_field_and_nothing_else(store):
+    store.create("alice", {"email": "alice@example.org", "bio": "bob@example.org"})
+    store.create("bob", {"email": "bob@example.org"})
+    store.create("quoted", {"email": 'say "hi"'})
+    store.create("backslash", {"email": "C:\\mail"})
+    assert store.find("email", "bob@example.org") == ["bob"]  # not alice, whose bio says it
+    assert store.find("email", "example.org") == []  # part of a value is not the value
+    assert store.find("phone", "bob@example.org") == []
+    assert store.find("email", 'say "hi"') == ["quoted"]  # stored as say \"hi\"
+    assert store.find("email", "C:\\mail") == ["backslash"]  # stored as C:\\mail
+
+
+# -- photos --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photos(backend, store):
+    """The backend's photos: a folder beside the text database, or the same PostgreSQL."""
+    if backend.name == "postgres":
+        return store.photos
+    return FolderPhotos(Path(backend.spec).parent / "photos")
+
+
+NAME = "ab" * 16 + ".webp"
+
+
+def test_a_photo_reads_back_as_stored_with_the_time_it_was_stored(photos):
+    photos.put(NAME, b"\x00photo bytes\xff")
+    stored = photos.get(NAME)
+    assert stored.data == b"\x00photo bytes\xff"
+    assert abs(stored.modified - time.time()) < 60
+    assert photos.listing() == {NAME: stored.modified}
+
+
+def test_a_removed_photo_is_gone_and_removing_a_missing_one_is_no_error(photos):
+    photos.put(NAME, b"photo")
+    photos.put("cd" * 16 + ".webp", b"other")
+    photos.remove(NAME)
+    assert photos.get(NAME) is None
+    assert list(photos.listing()) == ["cd" * 16 + ".webp"]
+    photos.remove(NAME)
+    photos.remove("ef" * 16 + ".webp")  # never stored
+    assert photos.get("ef" * 16 + ".webp") is None
+
+
+@pytest.mark.parametrize(
+    "name", ["../users.jsonl", "AB" * 16 + ".webp", "ab" * 16 + ".png", "x.webp", "", None]
+)
+def test_a_name_the_server_could_not_have_made_is_refused_and_stores_nothing(photos, name):
+    with pytest.raises(ValueError, match="not a photo name"):
+        photos.put(name, b"photo")
+    with pytest.raises(ValueError, match="not a photo name"):
+        photos.get(name)
+    assert photos.listing() == {}

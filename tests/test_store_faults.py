@@ -38,7 +38,7 @@ import secure_app.store.text as store_module
 from helpers import PASSWORD, AuthActions, csrf_token, make_app, namespaced_url, open_store
 from secure_app.store import StoreError, StoreUncertain, new_user
 from secure_app.store.postgres import PostgresStore
-from secure_app.store.text import TextStore
+from secure_app.store.text import TextStore, encode_line
 from servers import Postgres, require_postgres
 
 FS_SIZE = 512 * 1024
@@ -186,6 +186,65 @@ def test_read_only_folder_refuses_an_update_and_still_reads(faulty):
     assert store.get("alice")["bio"] == "old bio"
     assert "carol" not in store
     store.close()
+
+
+def tear_after_records(folder: Path) -> bytes:
+    """Leave the start of a line after the last record, as a writer killed mid-write does."""
+    data = (folder / "users.jsonl").read_bytes()
+    end = len(data.rstrip(b" \n")) + 1  # the reserve follows the last record's newline
+    fd = os.open(folder / "users.jsonl", os.O_WRONLY)
+    try:
+        os.pwrite(fd, encode_line("carol", new_user("carol", "$argon2id$fake"))[:40], end)
+    finally:
+        os.close(fd)
+    return (folder / "users.jsonl").read_bytes()
+
+
+def test_a_torn_write_a_read_only_folder_keeps_is_logged_reads_go_on_and_saves_are_refused(
+    faulty, caplog
+):
+    store = TextStore(faulty.path)
+    seed(store)
+    torn = tear_after_records(faulty.path)
+    faulty.make_read_only(store)
+    reader = TextStore(faulty.path)
+    try:
+        assert reader.get("alice")["bio"] == "old bio"
+        assert "cannot repair the database: Read-only file system" in caplog.messages
+        with pytest.raises(StoreError, match="^cannot repair the database: Read-only file sys"):
+            reader.update("bob", lambda r: r.update(bio="new"))
+        assert reader.get("bob")["bio"] == "bob's"
+    finally:
+        reader.close()
+    assert (faulty.path / "users.jsonl").read_bytes() == torn  # nothing lost, nothing half-done
+
+
+def test_a_read_only_folder_without_a_lock_file_is_read_without_the_lock(tmp_path, caplog):
+    """Nobody can write there, so reading needs no lock; repairs wait for one."""
+    if not mount_works():
+        pytest.skip("a read-only folder without a lock file needs a real read-only mount (root)")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = FaultyFolder(tmp_path, "tmpfs", monkeypatch)
+        try:
+            store = TextStore(folder.path)
+            seed(store)
+            torn = tear_after_records(folder.path)
+            store.close()
+            (folder.path / "users.lock").unlink()
+            folder.make_read_only()
+            reader = TextStore(folder.path)
+            try:
+                assert sorted(reader.keys()) == ["alice", "bob"]
+                assert reader.get("alice")["bio"] == "old bio"
+                with pytest.raises(StoreError, match="^cannot lock the database: Read-only"):
+                    reader.update("alice", lambda r: r.update(bio="new"))
+            finally:
+                reader.close()
+            assert "cannot repair" not in caplog.text  # not tried without the lock
+            assert (folder.path / "users.jsonl").read_bytes() == torn
+            assert not (folder.path / "users.lock").exists()
+        finally:
+            folder.close()
 
 
 @pytest.mark.text_database  # the fault is in the data folder

@@ -174,7 +174,10 @@ def read_records(path: Path) -> dict[str, Record]:
 def _in_earlier_format(data: bytes) -> bool:
     """Whether a file starting with ``data`` was written before lines had checksums."""
     first = data[: data.find(b"\n") + 1]
-    return bool(first) and _decode(first[:-1], earlier=True) is not None
+    # A first line with its checksum is today's format, whatever follows it.
+    return (
+        bool(first) and not _checked(first[:-1]) and _decode(first[:-1], earlier=True) is not None
+    )
 
 
 def _records_end(data: bytes) -> int:
@@ -660,7 +663,12 @@ class TextStore:
         Only called under the lock, when no compaction runs. They may hold
         records deleted since, which must not linger on disk.
         """
-        for stale in self.folder.glob(f".{self.path.name}.*.tmp"):
+        try:
+            copies = list(self.folder.glob(f".{self.path.name}.*.tmp"))
+        except OSError:  # out of descriptors, say: the change goes on; the next compaction looks
+            log.exception("could not look for copies left in %s", self.folder)
+            return
+        for stale in copies:
             log.warning("removing %s, left by an interrupted compaction", stale)
             try:
                 stale.unlink(missing_ok=True)
@@ -791,10 +799,11 @@ class FolderPhotos:
             if exc.errno == errno.ELOOP:  # a symlink: not a photo this server stored
                 return None
             raise StoreError(f"cannot read the photo: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a folder (which fdopen would refuse)
+            os.close(fd)
+            return None
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return None
             return Photo(f.read(), st.st_mtime)
 
     def remove(self, name: str) -> None:
