@@ -9,6 +9,7 @@ server checks them with py_webauthn; nothing is mocked.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import json
@@ -18,6 +19,7 @@ import re
 import struct
 import time
 from base64 import urlsafe_b64decode, urlsafe_b64encode
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -26,9 +28,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
+from test_recovery import outbox
+from test_two_factor import two_factor_app
 
-from helpers import OTHER_PASSWORD, AuthActions, csrf_token, stored_bytes
-from secure_app import events, mfa, passkeys
+from helpers import OTHER_PASSWORD, AuthActions, csrf_token, make_app, stored_bytes
+from secure_app import events, mfa, passkeys, passwords, two_factor
 from secure_app.store import get_store
 
 UP, UV, AT = 0x01, 0x04, 0x40
@@ -79,13 +83,15 @@ class SoftAuthenticator:
             {"type": kind, "challenge": challenge, "origin": origin, "crossOrigin": False}
         ).encode()
 
-    def create(self, options: dict, origin: str, rp_id: str | None = None) -> dict[str, Any]:
+    def create(
+        self, options: dict, origin: str, rp_id: str | None = None, *, flags: int = UP | UV | AT
+    ) -> dict[str, Any]:
         """Answer ``navigator.credentials.create()`` as its ``toJSON()`` would."""
         self.user_handle = options["user"]["id"]
         client_data = self._client_data("webauthn.create", options["challenge"], origin)
         attested = bytes(16) + struct.pack(">H", len(self.credential_id)) + self.credential_id
         auth_data = self._auth_data(
-            rp_id or options["rp"]["id"], UP | UV | AT, 0, attested + self.cose_key()
+            rp_id or options["rp"]["id"], flags, 0, attested + self.cose_key()
         )
         attestation = cbor2.dumps({"fmt": "none", "attStmt": {}, "authData": auth_data})
         return {
@@ -147,6 +153,30 @@ def ceremony(response) -> tuple[dict, str, str]:
     return options, html.unescape(action), token
 
 
+FLASH_RE = re.compile(r'<p class="flash flash-([^"]*)">([^<]*)</p>')
+
+
+def flashed(client, response) -> list[tuple[str, str]]:
+    """The messages (category, text) on the page ``response`` redirects to."""
+    assert response.status_code == 303, response.status_code
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    return [(category, html.unescape(text)) for category, text in FLASH_RE.findall(page)]
+
+
+def shown(response) -> dict[str, str]:
+    """What a ceremony page says: its mode, heading, prompt, form action and way back."""
+    page = response.get_data(as_text=True)
+    found = re.search(
+        r"<h1>([^<]*)</h1>\s*<p>([^<]*)</p>.*?"
+        r'action="([^"]*)" class="card" id="passkey-ceremony" data-ceremony="([^"]*)".*?'
+        r'<p><a href="([^"]*)">Go back</a></p>',
+        page,
+        re.S,
+    )
+    title, prompt, action, mode, back = (html.unescape(g) for g in found.groups())
+    return {"mode": mode, "title": title, "prompt": prompt, "action": action, "back": back}
+
+
 def begin(client, url: str, page: str = "/login", **fields: str):
     return client.post(url, data={"csrf_token": csrf_token(client, page), **fields})
 
@@ -206,6 +236,12 @@ class AuditLines(logging.Handler):
     def kinds(self) -> list[str]:
         return [e["event"] for e in self.events]
 
+    def of(self, kind: str, *fields: str) -> list[tuple]:
+        """Each ``kind`` event as a tuple of its username and ``fields``."""
+        return [
+            (e["username"], *(e.get(f) for f in fields)) for e in self.events if e["event"] == kind
+        ]
+
 
 @pytest.fixture
 def audit_lines():
@@ -250,7 +286,10 @@ def test_registration_options_ask_for_a_verified_discoverable_passkey(logged_in)
     assert options["timeout"] == 60000
     assert len(unb64(options["challenge"])) * 8 >= 64
     assert b"alice" not in unb64(options["user"]["id"])  # the handle names nobody
-    assert {p["alg"] for p in options["pubKeyCredParams"]} == {-7, -8, -257}
+    assert len(unb64(options["user"]["id"])) == 16  # random, as WebAuthn asks
+    assert options["user"]["name"] == options["user"]["displayName"] == "alice"
+    # In order of preference: ES256 first, which every authenticator has.
+    assert [p["alg"] for p in options["pubKeyCredParams"]] == [-7, -8, -257]
 
 
 def test_register_stores_the_passkey_and_lists_it(logged_in, alice_key):
@@ -267,6 +306,7 @@ def test_register_stores_the_passkey_and_lists_it(logged_in, alice_key):
     # A second passkey's options exclude the first: one device cannot enrol twice.
     options, _, _ = ceremony(begin(logged_in, "/security/passkeys/add", "/security", name="Phone"))
     assert [c["id"] for c in options["excludeCredentials"]] == [key["id"]]
+    assert options["user"]["id"] == stored["webauthn_user"]  # one handle for all of alice's
 
 
 def test_sign_in_with_the_passkey_alone(app, logged_in, alice_key):
@@ -402,8 +442,10 @@ def test_a_replayed_assertion_is_refused(app, logged_in, alice_key):
     refused_login(app, logged_in, finish(logged_in, action, token, credential), before)
 
 
-def test_a_replayed_cookie_with_its_answered_challenge_is_refused(app, client):
-    # A synced passkey's count stays 0, so only the spent challenge stops this replay.
+@pytest.mark.parametrize("later", [0, passkeys.TIMEOUT])
+def test_a_replayed_cookie_with_its_answered_challenge_is_refused(clock, app, client, later):
+    # A synced passkey's count stays 0, so only the spent challenge stops this replay; the
+    # record remembers it to the last second the challenge is live (drawn and answered at once).
     auth = AuthActions(client)
     auth.register()
     auth.login()
@@ -416,6 +458,7 @@ def test_a_replayed_cookie_with_its_answered_challenge_is_refused(app, client):
     credential = key.get(options, origin_of(app))
     assert finish(client, action, token, credential).headers["Location"] == "/account-details"
     log_out(client)
+    clock.advance(later)
     before = stored_bytes(app)
     client.set_cookie(cookie_name, saved)  # the cookie from before, challenge and all
     refused_login(app, client, finish(client, action, token, credential), before)
@@ -753,14 +796,17 @@ def test_a_user_with_totp_too_can_rename_a_passkey(app, logged_in, alice_key):
 
 def test_the_sign_in_page_asks_for_a_verified_passkey_within_the_challenges_life(app, client):
     response = begin(client, "/login/passkey")
-    options, action, _ = ceremony(response)
+    options, _, _ = ceremony(response)
     assert options["timeout"] == passkeys.TIMEOUT * 1000  # milliseconds
     assert options["userVerification"] == "required"
-    page = response.get_data(as_text=True)
-    assert 'data-ceremony="get"' in page and action == "/login/passkey/verify"
-    assert "<h1>Sign in with a passkey</h1>" in page
-    assert "<p>Use the passkey for this site: your device will ask" in page
-    assert '<a href="/login">Go back</a>' in page
+    assert shown(response) == {
+        "mode": "get",
+        "title": "Sign in with a passkey",
+        "prompt": "Use the passkey for this site: your device will ask for your fingerprint, "
+        "face, PIN or security key.",
+        "action": "/login/passkey/verify",
+        "back": "/login",
+    }
 
 
 def test_refusals_of_an_assertion_are_audited_with_the_user_and_why(
@@ -858,3 +904,549 @@ def test_the_security_page_lists_each_passkey_with_its_name_id_and_dates(app, lo
     used = record(app)["passkeys"][0]["last_used"]
     page = logged_in.get("/security").get_data(as_text=True)
     assert f"; last used {events.when(used)}." in page
+
+
+# -- what each ceremony says, records, audits and mails ----------------------------------------
+
+
+def verified_address(app, name: str = "alice") -> str:
+    """Give ``name`` a verified address, as the recovery flow leaves it; return it."""
+    address = f"{name}@example.org"
+    with app.app_context():
+        get_store().update(name, lambda r: r.update(email=address, email_verified=address))
+    return address
+
+
+def notices_to(app, address: str) -> list[str]:
+    return [m["Subject"] for m in outbox(app) if m["To"] == address]
+
+
+def test_each_ceremony_page_says_what_it_asks_for_and_where_back_goes(app, logged_in, alice_key):
+    assert shown(begin(logged_in, "/security/passkeys/add", "/security", name="Phone")) == {
+        "mode": "create",
+        "title": "Add a passkey",
+        "prompt": "Your device will now make a passkey named \u201cPhone\u201d for this site.",
+        "action": "/security/passkeys/add/verify",
+        "back": "/security",
+    }
+    assert shown(begin(logged_in, "/reauthenticate/passkey?next=/security/totp", "/security")) == {
+        "mode": "get",
+        "title": "Confirm it is you",
+        "prompt": "Use your passkey to confirm it is you.",
+        "action": "/reauthenticate/passkey/verify",
+        "back": "/reauthenticate?next=/security/totp",
+    }
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    assert shown(begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")) == {
+        "mode": "get",
+        "title": "Two-step sign-in",
+        "prompt": "Your password was right. Now use your passkey.",
+        "action": "/login/two-factor/passkey/verify",
+        "back": "/login/two-factor",
+    }
+
+
+def test_adding_a_passkey_is_confirmed_audited_mailed_and_recorded(app, logged_in, audit_lines):
+    address = verified_address(app)
+    response = enrol(logged_in, SoftAuthenticator(), "Work laptop")
+    assert flashed(logged_in, response) == [("success", "Passkey \u201cWork laptop\u201d added.")]
+    assert audit_lines.of("passkey_added") == [("alice",)]
+    assert notices_to(app, address) == ["Security notice: a passkey was added to your account"]
+    assert ("passkey_added", "Work laptop") in [
+        (e["k"], e.get("name")) for e in record(app)["events"]
+    ]
+
+
+def test_a_second_passkey_is_added_beside_the_first_and_both_sign_in(app, logged_in, alice_key):
+    phone = SoftAuthenticator()
+    response = enrol(logged_in, phone, "Phone")
+    assert flashed(logged_in, response) == [("success", "Passkey \u201cPhone\u201d added.")]
+    stored = record(app)
+    assert [k["name"] for k in stored["passkeys"]] == ["Laptop", "Phone"]
+    assert phone.user_handle == alice_key.user_handle == stored["webauthn_user"]
+    for key in (alice_key, phone):
+        log_out(logged_in)
+        assert passkey_login(logged_in, key).headers["Location"] == "/account-details"
+
+
+def test_a_registration_without_a_live_challenge_or_a_credential_is_refused(
+    clock, app, logged_in, audit_lines
+):
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="x")
+    )
+    credential = SoftAuthenticator().create(options, origin_of(app))
+    assert flashed(logged_in, finish(logged_in, action, token, credential))[0][0] == "success"
+    before = stored_bytes(app)
+    response = finish(logged_in, action, token, credential)  # its challenge was taken
+    assert flashed(logged_in, response) == [("error", "That took too long. Please try again.")]
+    _, action, token = ceremony(begin(logged_in, "/security/passkeys/add", "/security", name="x"))
+    response = finish(logged_in, action, token, "")
+    assert flashed(logged_in, response) == [
+        ("error", "That passkey did not work. Please try again.")
+    ]
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="x")
+    )
+    clock.advance(passkeys.TIMEOUT + 1)
+    response = finish(logged_in, action, token, SoftAuthenticator().create(options, origin_of(app)))
+    assert flashed(logged_in, response) == [("error", "That took too long. Please try again.")]
+    assert audit_lines.of("passkey_add_refused", "reason") == 3 * [
+        ("alice", "no live challenge or no credential")
+    ]
+    assert stored_bytes(app) == before
+
+
+def test_a_registration_without_user_verification_is_refused(app, logged_in, audit_lines):
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="x")
+    )
+    before = stored_bytes(app)
+    credential = SoftAuthenticator().create(options, origin_of(app), flags=UP | AT)
+    response = finish(logged_in, action, token, credential)
+    assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
+    assert audit_lines.of("passkey_add_refused", "reason") == [
+        ("alice", "InvalidRegistrationResponse")
+    ]
+    assert stored_bytes(app) == before
+
+
+def test_a_credential_id_of_up_to_1023_bytes_is_taken_and_a_longer_one_refused(
+    app, logged_in, audit_lines
+):
+    # WebAuthn's own limit; py_webauthn does not check it.
+    longest, too_long = SoftAuthenticator(), SoftAuthenticator()
+    longest.credential_id, too_long.credential_id = os.urandom(1023), os.urandom(1024)
+    before = stored_bytes(app)
+    response = enrol(logged_in, too_long)
+    assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
+    assert audit_lines.of("passkey_add_refused", "reason") == [("alice", "credential id too long")]
+    assert stored_bytes(app) == before
+    assert flashed(logged_in, enrol(logged_in, longest))[0][0] == "success"
+    assert record(app)["passkeys"][0]["id"] == b64(longest.credential_id)
+
+
+@pytest.mark.parametrize(
+    "transports, kept",
+    [
+        (["usb", "internal", "carrier-pigeon", "usb"], ["internal", "usb"]),
+        ("internal", []),
+        (["internal", 5], []),
+        (None, []),
+    ],
+)
+def test_a_passkeys_transports_are_kept_when_known_and_offered_back(
+    app, logged_in, transports, kept
+):
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="x")
+    )
+    credential = SoftAuthenticator().create(options, origin_of(app))
+    credential["response"]["transports"] = transports
+    assert flashed(logged_in, finish(logged_in, action, token, credential))[0][0] == "success"
+    assert record(app)["passkeys"][0]["transports"] == kept
+    # The browser is told where to look for the passkey: the second step lists them.
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    options, _, _ = ceremony(begin(logged_in, "/login/two-factor/passkey", "/login/two-factor"))
+    [allowed] = options["allowCredentials"]
+    assert allowed.get("transports", []) == kept and allowed["id"] == credential["id"]
+
+
+def test_two_browsers_adding_a_first_passkey_at_once_keep_one_user_handle(
+    app, logged_in, audit_lines
+):
+    # Each drew its own handle (there was none yet): the second would orphan the first's.
+    other = app.test_client()
+    assert AuthActions(other).login().status_code == 302
+    first = ceremony(begin(logged_in, "/security/passkeys/add", "/security", name="One"))
+    second = ceremony(begin(other, "/security/passkeys/add", "/security", name="Two"))
+    one, two = SoftAuthenticator(), SoftAuthenticator()
+    options, action, token = first
+    assert flashed(logged_in, finish(logged_in, action, token, one.create(options, origin_of(app))))
+    before = stored_bytes(app)
+    options, action, token = second
+    response = finish(other, action, token, two.create(options, origin_of(app)))
+    assert flashed(other, response) == [
+        ("error", "That passkey could not be added. Please look again.")
+    ]
+    assert audit_lines.of("passkey_add_refused", "reason") == [
+        ("alice", "changed meanwhile or a duplicate")
+    ]
+    assert stored_bytes(app) == before and record(app)["webauthn_user"] == one.user_handle
+
+
+def test_the_same_authenticator_cannot_be_added_twice(app, logged_in, alice_key):
+    # A browser's excludeCredentials prevents it; the server does not rely on that.
+    before = stored_bytes(app)
+    response = enrol(logged_in, alice_key, "Again")
+    assert flashed(logged_in, response) == [
+        ("error", "That passkey could not be added. Please look again.")
+    ]
+    assert stored_bytes(app) == before
+
+
+def test_an_answered_registration_cannot_be_replayed_with_the_cookie_from_before(app, logged_in):
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="x")
+    )
+    cookie_name = app.config["SESSION_COOKIE_NAME"]
+    saved = logged_in.get_cookie(cookie_name).value
+    assert enrol_answer(logged_in, action, token, options) == "success"
+    before = stored_bytes(app)
+    logged_in.set_cookie(cookie_name, saved)  # the challenge again, for another authenticator
+    assert enrol_answer(logged_in, action, token, options) == "error"
+    assert stored_bytes(app) == before and len(record(app)["passkeys"]) == 1
+
+
+def enrol_answer(client, action: str, token: str, options: dict) -> str:
+    """Answer a registration with a new authenticator; the category of what the site says."""
+    credential = SoftAuthenticator().create(options, origin_of(client.application))
+    [(category, _)] = flashed(client, finish(client, action, token, credential))
+    return category
+
+
+def test_an_account_holds_at_most_ten_passkeys(app, logged_in, alice_key):
+    for n in range(2, passkeys.MAX_PASSKEYS):
+        enrol(logged_in, SoftAuthenticator(), f"Key {n}")
+    assert len(record(app)["passkeys"]) == 9
+    options, action, token = ceremony(
+        begin(logged_in, "/security/passkeys/add", "/security", name="Tenth")
+    )
+    with app.app_context():  # meanwhile a tenth is added from another device
+        get_store().update(
+            "alice",
+            lambda r: r["passkeys"].append({**r["passkeys"][0], "id": b64(os.urandom(32))}),
+        )
+    before = stored_bytes(app)
+    assert enrol_answer(logged_in, action, token, options) == "error"
+    response = begin(logged_in, "/security/passkeys/add", "/security", name="Eleventh")
+    assert flashed(logged_in, response) == [
+        ("error", "You have 10 passkeys already. Remove one first.")
+    ]
+    assert stored_bytes(app) == before
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 65, "zero\u200bwidth", None])
+def test_a_passkey_name_must_be_1_to_64_printable_characters(app, logged_in, alice_key, name):
+    key_id = b64(alice_key.credential_id)
+    token = csrf_token(logged_in, "/security")
+    fields = {} if name is None else {"name": name}
+    before = stored_bytes(app)
+    for url, data in [
+        ("/security/passkeys/add", fields),
+        ("/security/passkeys/rename", {"passkey": key_id, **fields}),
+    ]:
+        response = logged_in.post(url, data={"csrf_token": token, **data})
+        assert flashed(logged_in, response) == [
+            ("error", "Give the passkey a name of 1 to 64 characters.")
+        ]
+    assert stored_bytes(app) == before
+
+
+def test_a_name_of_64_characters_is_taken(app, logged_in, alice_key):
+    token = csrf_token(logged_in, "/security")
+    key_id = b64(alice_key.credential_id)
+    name = "\u00e9" * 64
+    response = logged_in.post(
+        "/security/passkeys/rename", data={"csrf_token": token, "passkey": key_id, "name": name}
+    )
+    assert flashed(logged_in, response) == [("success", "Passkey renamed.")]
+    assert record(app)["passkeys"][0]["name"] == name
+
+
+def test_renaming_is_confirmed_audited_and_recorded_under_the_old_name(
+    app, logged_in, alice_key, audit_lines
+):
+    token = csrf_token(logged_in, "/security")
+    response = logged_in.post(
+        "/security/passkeys/rename",
+        data={"csrf_token": token, "passkey": b64(alice_key.credential_id), "name": "Phone"},
+    )
+    assert flashed(logged_in, response) == [("success", "Passkey renamed.")]
+    assert audit_lines.of("passkey_renamed") == [("alice",)]
+    assert record(app)["events"][-1]["k"] == "passkey_renamed"
+    assert record(app)["events"][-1]["name"] == "Laptop"
+
+
+def test_removing_a_passkey_is_confirmed_audited_and_mailed(app, logged_in, alice_key, audit_lines):
+    address = verified_address(app)
+    token = csrf_token(logged_in, "/security")
+    response = logged_in.post(
+        "/security/passkeys/remove",
+        data={"csrf_token": token, "passkey": b64(alice_key.credential_id)},
+    )
+    assert flashed(logged_in, response) == [
+        ("success", "Passkey \u201cLaptop\u201d removed. It no longer signs in.")
+    ]
+    assert audit_lines.of("passkey_removed") == [("alice",)]
+    assert notices_to(app, address) == ["Security notice: a passkey was removed from your account"]
+
+
+def test_an_unknown_passkey_is_neither_renamed_nor_removed_nor_audited(
+    app, logged_in, alice_key, audit_lines
+):
+    address = verified_address(app)
+    token = csrf_token(logged_in, "/security")
+    before = stored_bytes(app)
+    for url, fields in [
+        ("/security/passkeys/rename", {"passkey": "AAAA", "name": "x"}),
+        ("/security/passkeys/remove", {"passkey": "AAAA"}),
+        ("/security/passkeys/remove", {}),
+    ]:
+        response = logged_in.post(url, data={"csrf_token": token, **fields})
+        assert flashed(logged_in, response) == [
+            ("error", "That passkey is not on this account any more.")
+        ]
+    assert stored_bytes(app) == before
+    assert audit_lines.of("passkey_renamed") == audit_lines.of("passkey_removed") == []
+    assert notices_to(app, address) == []
+
+
+# -- signing in with a passkey alone: what is said and audited ----------------------------------
+
+
+def test_a_passkey_sign_in_is_audited_and_recorded_as_one(app, logged_in, alice_key, audit_lines):
+    log_out(logged_in)
+    assert passkey_login(logged_in, alice_key).headers["Location"] == "/account-details"
+    assert audit_lines.of("login_success", "method") == [("alice", "passkey")]
+    last = record(app)["events"][-1]
+    assert (last["k"], last["method"]) == ("login_success", "passkey")
+
+
+def test_a_refused_passkey_sign_in_says_why_and_is_audited(app, logged_in, alice_key, audit_lines):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin_of(app))
+    assert finish(logged_in, action, token, credential).headers["Location"] == "/account-details"
+    log_out(logged_in)
+    # Answered again: its challenge is gone, and without one the credential is not even read.
+    response = finish(logged_in, action, csrf_token(logged_in), credential)
+    assert flashed(logged_in, response) == [("error", passkeys.EXPIRED)]
+    options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+    credential = alice_key.get(options, origin_of(app))
+    credential["response"]["signature"] = credential["response"]["signature"][::-1]
+    response = finish(logged_in, action, token, credential)
+    assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
+    assert audit_lines.of("login_failure", "method") == [(None, "passkey"), ("alice", "passkey")]
+
+
+def test_a_sign_in_with_an_unsafe_next_goes_to_the_account_page(app, logged_in, alice_key):
+    log_out(logged_in)
+    options, action, token = ceremony(begin(logged_in, "/login/passkey?next=https://evil.example"))
+    credential = alice_key.get(options, origin_of(app))
+    assert finish(logged_in, action, token, credential).headers["Location"] == "/account-details"
+
+
+def test_a_passkey_removed_while_its_sign_in_is_checked_gives_no_session(
+    app, logged_in, alice_key, audit_lines, monkeypatch
+):
+    log_out(logged_in)
+    challenges = record(app)["passkey_challenges"]
+    real = passkeys.auth.begin_session_without_password
+
+    def removed_meanwhile(username, claim, method):
+        get_store().update(username, lambda r: r.update(passkeys=[]))  # another device
+        return real(username, claim, method)
+
+    monkeypatch.setattr(passkeys.auth, "begin_session_without_password", removed_meanwhile)
+    response = passkey_login(logged_in, alice_key)
+    assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
+    assert who(logged_in) is None and record(app)["passkeys"] == []
+    assert record(app)["passkey_challenges"] == challenges  # nothing but the removal was written
+    assert audit_lines.of("login_failure", "reason") == [("alice", "changed meanwhile")]
+
+
+# -- the second step and re-authentication: what is said and audited -----------------------------
+
+
+def second_step_ceremony(client) -> tuple[dict, str, str]:
+    return ceremony(begin(client, "/login/two-factor/passkey", "/login/two-factor"))
+
+
+def test_the_second_step_signs_in_fresh_to_next_and_is_audited(
+    app, logged_in, alice_key, audit_lines
+):
+    log_out(logged_in)
+    AuthActions(logged_in).login(next="/security")
+    options, action, token = second_step_ceremony(logged_in)
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.headers["Location"] == "/security" and who(logged_in) == "alice"
+    assert logged_in.get("/security/totp").status_code == 200  # fresh: no re-authentication
+    assert audit_lines.of("login_success", "second_factor") == [("alice", "passkey")]
+    last = record(app)["events"][-1]
+    assert (last["k"], last["method"]) == ("login_success", "passkey")
+
+
+def test_failed_passkey_second_steps_are_audited_and_count_against_the_user(
+    tmp_path, monkeypatch, audit_lines
+):
+    app = two_factor_app(
+        tmp_path, monkeypatch, RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT_USER="3 per minute"
+    )
+    owner = app.test_client()
+    AuthActions(owner).register()
+    AuthActions(owner).login()
+    key = SoftAuthenticator()
+    enrol(owner, key)
+    attacker = app.test_client()
+    assert AuthActions(attacker).login().headers["Location"] == "/login/two-factor"
+    for _ in range(3):
+        token = csrf_token(attacker, "/login/two-factor")
+        response = finish(attacker, "/login/two-factor/passkey/verify", token, "{}")
+        assert flashed(attacker, response) == [("error", passkeys.REFUSED)]
+    assert audit_lines.of("two_factor_failure", "method") == 3 * [("alice", "passkey")]
+    # The fourth try is refused before the passkey is looked at, even the right one.
+    options, action, token = second_step_ceremony(attacker)
+    response = finish(attacker, action, token, key.get(options, origin_of(app)))
+    assert response.status_code == 429 and who(attacker) is None
+    # The password form's bucket: /login for alice is held too.
+    assert AuthActions(app.test_client()).login().status_code == 429
+
+
+def test_a_second_step_after_its_pending_login_expired_starts_over_without_its_challenge(
+    clock, app, logged_in, alice_key
+):
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    options, action, token = second_step_ceremony(logged_in)
+    clock.advance(two_factor.PENDING_TTL + 1)
+    before = stored_bytes(app)
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert flashed(logged_in, response) == [
+        ("info", "Your sign-in took too long. Please log in again.")
+    ]
+    with logged_in.session_transaction() as s:
+        assert passkeys.CEREMONY not in s
+    assert who(logged_in) is None and stored_bytes(app) == before
+
+
+def test_a_second_step_challenge_answers_only_the_password_login_it_was_drawn_for(
+    app, logged_in, alice_key
+):
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    options, action, token = second_step_ceremony(logged_in)
+    with logged_in.session_transaction() as s:
+        s[passkeys.CEREMONY] = {**s[passkeys.CEREMONY], "h": "another password login"}
+    before = stored_bytes(app)
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.headers["Location"] == "/login/two-factor"
+    assert who(logged_in) is None and stored_bytes(app) == before
+
+
+def test_a_second_step_that_loses_a_race_with_a_password_change_starts_over(
+    app, logged_in, alice_key, monkeypatch
+):
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    options, action, token = second_step_ceremony(logged_in)
+    real = mfa.guarded_update
+
+    def then_the_password_changes(*args):
+        done = real(*args)
+        new = passwords.hash_password(OTHER_PASSWORD)
+        get_store().update("alice", lambda r: r.update(password_hash=new))
+        return done
+
+    monkeypatch.setattr(mfa, "guarded_update", then_the_password_changes)
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert flashed(logged_in, response) == [("info", "Please log in again.")]
+    assert response.headers["Location"] == "/login" and who(logged_in) is None
+
+
+def test_the_second_step_offers_a_code_to_an_account_without_a_passkey(app, logged_in):
+    with app.app_context():
+        fields, _ = mfa.enable_totp("alice", mfa.new_secret(), 0, int(time.time()))
+        get_store().update("alice", lambda r: r.update(fields))
+    log_out(logged_in)
+    AuthActions(logged_in).login()
+    response = begin(logged_in, "/login/two-factor/passkey", "/login/two-factor")
+    assert response.headers["Location"] == "/login/two-factor"
+    assert flashed(logged_in, response) == [
+        ("info", "This account has no passkey. Use a code instead.")
+    ]
+
+
+def test_reauthentication_offers_the_password_to_an_account_without_a_passkey(app, logged_in):
+    for asked, back in [
+        ("/security/totp", "/reauthenticate?next=/security/totp"),
+        ("https://evil.example/", "/reauthenticate?next=/security"),  # not ours: the default
+    ]:
+        response = begin(logged_in, f"/reauthenticate/passkey?next={asked}", "/security")
+        assert response.headers["Location"] == back
+        assert flashed(logged_in, response) == [
+            ("info", "You have no passkey. Use your password instead.")
+        ]
+
+
+def test_a_refused_reauthentication_is_audited_and_keeps_where_it_was_going(
+    app, logged_in, alice_key, audit_lines
+):
+    make_stale(logged_in)
+    response = finish(logged_in, "/reauthenticate/passkey/verify", csrf_token(logged_in), "{}")
+    assert response.headers["Location"] == "/reauthenticate?next=/security"  # no challenge
+    url = "/reauthenticate/passkey?next=/security/totp"
+    options, action, token = ceremony(begin(logged_in, url, "/security"))
+    credential = alice_key.get(options, origin_of(app))
+    credential["response"]["signature"] = credential["response"]["signature"][::-1]
+    response = finish(logged_in, action, token, credential)
+    assert response.headers["Location"] == "/reauthenticate?next=/security/totp"
+    assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
+    assert audit_lines.of("reauth_failure", "method") == 2 * [("alice", "passkey")]
+    assert audit_lines.of("reauth_success") == []
+    options, action, token = ceremony(begin(logged_in, url, "/security"))
+    response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
+    assert response.headers["Location"] == "/security/totp"
+    assert audit_lines.of("reauth_success", "method") == [("alice", "passkey")]
+
+
+# -- the relying party and the script, from the configuration --------------------------------
+
+
+@pytest.mark.parametrize(
+    "public_url, warned",
+    [
+        ("http://localhost:8000", None),
+        ("http://127.0.0.1:8000", "127.0.0.1"),
+        ("http://[::1]:8000", "::1"),
+    ],
+)
+def test_a_public_url_on_an_ip_address_is_warned_about(tmp_path, caplog, public_url, warned):
+    # An IP address cannot be an RP ID: every passkey ceremony would fail in the browser.
+    with caplog.at_level(logging.WARNING, "secure_app.passkeys"):
+        make_app(tmp_path, PUBLIC_URL=public_url)
+    found = [r.getMessage() for r in caplog.records if r.name == "secure_app.passkeys"]
+    expected = f"PUBLIC_URL's host {warned} is an IP address: passkeys need a host name"
+    assert found == ([expected] if warned else [])
+
+
+def test_the_ceremony_script_is_pinned_and_versioned_by_its_content(app, client):
+    page = begin(client, "/login/passkey").get_data(as_text=True)
+    digest = hashlib.sha384(Path(app.static_folder, "js", "passkeys.js").read_bytes()).digest()
+    src = f"/public/js/passkeys.js?v={digest[:6].hex()}"
+    integrity = "sha384-" + base64.b64encode(digest).decode()
+    assert f'src="{src}" integrity="{integrity}"' in page
+
+
+def test_a_user_with_totp_too_can_add_a_passkey(app, logged_in):
+    with app.app_context():
+        fields, _ = mfa.enable_totp("alice", mfa.new_secret(), 0, int(time.time()))
+        get_store().update("alice", lambda r: r.update(fields))
+    response = enrol(logged_in, SoftAuthenticator(), "Phone")
+    assert flashed(logged_in, response) == [("success", "Passkey \u201cPhone\u201d added.")]
+    assert [k["name"] for k in record(app)["passkeys"]] == ["Phone"]
+
+
+def test_a_challenge_drawn_to_add_a_passkey_does_not_re_authenticate(app, logged_in, alice_key):
+    options, _, token = ceremony(begin(logged_in, "/security/passkeys/add", "/security", name="x"))
+    make_stale(logged_in)
+    # alice's real passkey, signing the registration's challenge (same user, other ceremony).
+    asked = {"challenge": options["challenge"], "rpId": options["rp"]["id"]}
+    credential = alice_key.get(asked, origin_of(app))
+    before = stored_bytes(app)
+    response = finish(logged_in, "/reauthenticate/passkey/verify", token, credential)
+    assert response.headers["Location"] == "/reauthenticate?next=/security"
+    assert logged_in.get("/security/totp").status_code == 303  # still not re-authenticated
+    assert stored_bytes(app) == before
