@@ -980,3 +980,174 @@ def test_the_second_step_asks_with_a_200_and_refuses_a_missing_code_like_a_wrong
     # Both counted against alice's login limit: the right code is refused now.
     assert second_step(client, mfa.code_at(secret, clock.step)).status_code == 429
     assert who(client) is None
+
+
+def test_a_password_change_between_the_code_and_the_session_starts_the_login_over(
+    app, client, clock, enrolled, monkeypatch
+) -> None:
+    from test_races import _in_thread
+
+    from secure_app import auth
+
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    real = auth.begin_session
+    done: list[object] = []
+
+    def owner_changes_the_password_first(*args: object, **kwargs: object) -> bool:
+        if not done:
+            done.append(None)  # once: the owner's request starts a session too
+            done[0] = _in_thread(lambda: AuthActions(owner).change_password().status_code)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auth, "begin_session", owner_changes_the_password_first)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert done == [302]
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None
+    assert flashes(client) == [("flash-info", "Please log in again.")]
+    assert len(record(app)["sessions"]) == 1  # the owner's, renewed by the change
+
+
+def test_the_second_step_offers_both_the_code_and_the_passkey_when_both_are_set_up(
+    app, client, clock
+) -> None:
+    from test_passkeys import SoftAuthenticator
+    from test_passkeys import enrol as add_passkey
+
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    assert add_passkey(client, SoftAuthenticator()).status_code == 303
+    enrol(client, clock)
+    auth.logout()
+    assert auth.login().headers["Location"] == "/login/two-factor"
+    html = client.get("/login/two-factor").get_data(as_text=True)
+    assert 'name="code"' in html and ", or use your passkey." in html
+    assert re.search(r'<button type="button" id="passkey-second-factor"[^>]*>', html) is None
+    assert 'id="passkey-second-factor"' in html
+
+
+def test_the_enrolment_page_says_when_the_app_is_on_already(app, client, clock, enrolled) -> None:
+    _, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    page = client.get("/security/totp")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "Two-step sign-in with an authenticator app is already on." in html
+    assert SECRET_RE.search(html) is None and 'name="code"' not in html
+
+
+def test_turning_totp_on_is_said_mailed_audited_and_an_event(
+    app, logged_in, clock, audit_events
+) -> None:
+    verified_address(app)
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    response = post(
+        logged_in,
+        "/security/totp",
+        {"code": mfa.code_at(secret, clock.step), "enrolment": ENROLMENT_RE.search(html)[1]},
+    )
+    assert response.status_code == 200
+    assert "Two-step sign-in is on." in response.get_data(as_text=True)
+    assert len(CODES_RE.findall(response.get_data(as_text=True))) == 10
+    assert named(audit_events, "totp_enabled", "totp_enrol_failure") == [("totp_enabled", "alice")]
+    assert notices(app) == ["Security notice: two-step sign-in was turned on"]
+    assert record(app)["events"][-1]["k"] == "totp_enabled"
+    assert "Authenticator app turned on" in logged_in.get("/security").get_data(as_text=True)
+
+
+def test_a_wrong_enrolment_code_says_so_and_is_audited(app, logged_in, clock, audit_events) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    wrong = f"{(int(mfa.code_at(secret, clock.step)) + 1) % 1_000_000:06d}"
+    response = post(
+        logged_in, "/security/totp", {"code": wrong, "enrolment": ENROLMENT_RE.search(html)[1]}
+    )
+    assert response.status_code == 422
+    page = response.get_data(as_text=True)
+    assert "That code is not right. Enter the code your app shows now." in page
+    assert "expired" not in page
+    assert named(audit_events, "totp_enrol_failure") == [("totp_enrol_failure", "alice")]
+
+
+def test_an_enrolment_form_that_is_not_whole_asks_for_the_code(
+    app, logged_in, clock, audit_events
+) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    enrolment = ENROLMENT_RE.search(html)[1]
+    before = stored_bytes(app)
+    # The key's sealed form missing: the code alone cannot be checked.
+    response = post(logged_in, "/security/totp", {"code": mfa.code_at(secret, clock.step)})
+    assert response.status_code == 422
+    assert "Enter the code your app shows." in response.get_data(as_text=True)
+    # A code the form refuses keeps the form's own reason.
+    response = post(logged_in, "/security/totp", {"code": "", "enrolment": enrolment})
+    assert response.status_code == 422
+    assert "This field is required." in response.get_data(as_text=True)
+    assert "Enter the code your app shows." not in response.get_data(as_text=True)
+    assert stored_bytes(app) == before
+    assert named(audit_events, "totp_enrol_failure") == []  # nothing was checked
+
+
+def test_two_tabs_turning_totp_on_at_once_keep_the_one_that_landed_first(
+    app, client, clock, audit_events, monkeypatch
+) -> None:
+    from test_races import _before_first_update
+
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    other = app.test_client()
+    AuthActions(other).login()
+    pages = [c.get("/security/totp").get_data(as_text=True) for c in (client, other)]
+    secrets = [SECRET_RE.search(p).group(1).replace(" ", "") for p in pages]
+
+    def enrol_form(page: str, secret: str, token_from) -> dict:
+        return {
+            "code": mfa.code_at(secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(page)[1],
+            "csrf_token": csrf_token(token_from, "/security"),
+        }
+
+    data = enrol_form(pages[0], secrets[0], client)
+    done = _before_first_update(
+        monkeypatch,
+        app,
+        lambda: other.post("/security/totp", data=enrol_form(pages[1], secrets[1], other)),
+    )
+    response = client.post("/security/totp", data=data)
+    assert done[0].status_code == 200  # the other tab's key is on
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert CODES_RE.findall(response.get_data(as_text=True)) == []
+    assert flashes(client, "/security") == [CHANGED_MEANWHILE]
+    assert named(audit_events, "totp_enabled") == [("totp_enabled", "alice")]
+    auth.logout()
+    clock.next_step()
+    assert (
+        login_with_code(app.test_client(), mfa.code_at(secrets[0], clock.step)).status_code == 422
+    )
+    assert (
+        login_with_code(app.test_client(), mfa.code_at(secrets[1], clock.step)).status_code == 302
+    )
+
+
+def test_the_gate_leaves_open_what_enrolling_and_leaving_need(tmp_path, monkeypatch, clock) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, REQUIRE_TWO_FACTOR=True)
+    client = app.test_client()
+    AuthActions(client).register()
+    assert AuthActions(client).login().status_code == 302
+    assert client.get("/account-details").headers["Location"] == "/security/totp"
+    # Confirming it is them, and starting a passkey, are ways to enrol.
+    assert client.get("/reauthenticate").status_code == 200
+    passkey = post(client, "/security/passkeys/add", {"name": "Laptop"})
+    assert passkey.status_code == 200 and "passkey-ceremony" in passkey.get_data(as_text=True)
+    # A verification link (from a mail) still opens its page.
+    from test_recovery import change_email, last_to, link_of, path_of
+
+    change_email(app, client, ADDRESS)
+    assert client.get(path_of(link_of(last_to(app, ADDRESS)))).status_code == 200
