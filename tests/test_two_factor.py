@@ -942,9 +942,11 @@ def test_a_recovery_code_login_says_how_many_remain_and_mails_the_owner(
     logins = [e for e in audit_events() if e["event"] == "login_success"]
     assert [(e["username"], e["second_factor"]) for e in logins[-1:]] == [("alice", "recovery")]
     assert notices(app) == ["Security notice: a recovery code was used to sign in"]
+    shown = client.get("/security").get_data(as_text=True)
+    assert "Signed in with your password and a recovery code" in shown
 
 
-def test_an_app_code_login_is_audited_as_such_and_mails_nothing(
+def test_an_app_code_login_is_audited_and_shown_as_such_and_mails_nothing(
     app, client, clock, enrolled, audit_events
 ) -> None:
     secret, _ = enrolled
@@ -954,6 +956,8 @@ def test_an_app_code_login_is_audited_as_such_and_mails_nothing(
     logins = [e for e in audit_events() if e["event"] == "login_success"]
     assert [(e["username"], e["second_factor"]) for e in logins[-1:]] == [("alice", "totp")]
     assert notices(app) == []
+    shown = client.get("/security").get_data(as_text=True)
+    assert "Signed in with your password and authenticator app" in shown
 
 
 def test_the_second_step_asks_with_a_200_and_refuses_a_missing_code_like_a_wrong_one(
@@ -1151,3 +1155,15 @@ def test_the_gate_leaves_open_what_enrolling_and_leaving_need(tmp_path, monkeypa
 
     change_email(app, client, ADDRESS)
     assert client.get(path_of(link_of(last_to(app, ADDRESS)))).status_code == 200
+
+
+def test_a_damaged_factor_entry_is_shown_as_off_as_the_login_treats_it(app, logged_in) -> None:
+    def damage(r: dict) -> None:
+        r["totp"] = "not a factor"
+
+    with app.app_context():
+        get_store().update("alice", damage)
+    page = logged_in.get("/security")
+    assert page.status_code == 200 and "Off:" in page.get_data(as_text=True)
+    # The password alone logs in, as the page says.
+    assert AuthActions(app.test_client()).login().headers["Location"] == "/account-details"
