@@ -1167,3 +1167,27 @@ def test_a_damaged_factor_entry_is_shown_as_off_as_the_login_treats_it(app, logg
     assert page.status_code == 200 and "Off:" in page.get_data(as_text=True)
     # The password alone logs in, as the page says.
     assert AuthActions(app.test_client()).login().headers["Location"] == "/account-details"
+
+
+def test_an_expired_enrolment_form_says_so_offers_a_new_key_and_is_audited(
+    app, logged_in, clock, audit_events
+) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1)
+    clock.advance(mfa.ENROL_TTL + 1)
+    post(logged_in, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    before = stored_bytes(app)
+    response = post(
+        logged_in,
+        "/security/totp",
+        {
+            "code": mfa.code_at(secret.replace(" ", ""), clock.step),
+            "enrolment": ENROLMENT_RE.search(html)[1],
+        },
+    )
+    assert response.status_code == 422
+    page = response.get_data(as_text=True)
+    assert "That set-up expired. Add this new key to your app." in page
+    assert SECRET_RE.search(page).group(1) != secret
+    assert stored_bytes(app) == before
+    assert named(audit_events, "totp_enrol_failure") == [("totp_enrol_failure", "alice")]
