@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import test_two_factor
 from flask import g, session
-from test_two_factor import two_factor_app
+from test_two_factor import flashes, two_factor_app
 
 from helpers import (
     CSRF_RE,
@@ -778,3 +778,104 @@ def test_an_address_changed_between_look_up_and_write_gets_no_link_and_the_rest_
     assert [m["To"] for m in outbox(app)[sent:]] == ["shared@example.org"]
     assert "password_reset" not in record(app, "aaron")
     assert "password_reset" in record(app, "alice")
+
+
+# -- what the link handlers say, audit and record -------------------------------------------
+
+
+def named(audit_events, *names: str) -> list[dict]:
+    return [e for e in audit_events() if e["event"] in names]
+
+
+def test_a_reset_says_so_on_the_login_page_is_audited_and_an_event(
+    app, client, alice, audit_events
+) -> None:
+    link = reset_link(app, client)
+    assert use_link(client, link).status_code == 303
+    assert flashes(client) == [
+        (
+            "flash-success",
+            "Your password has been reset and every device was logged out. Please log in.",
+        )
+    ]
+    assert [e["username"] for e in named(audit_events, "password_reset")] == ["alice"]
+    assert named(audit_events, "password_reset_refused") == []
+    assert record(app)["events"][-1]["k"] == "password_reset"
+    AuthActions(client).login("alice", NEW_PASSWORD)
+    assert "Password reset with an email link" in client.get("/security").get_data(as_text=True)
+
+
+def test_a_post_to_a_dead_link_is_audited_with_its_user_and_a_look_is_not(
+    app, client, alice, audit_events
+) -> None:
+    link = reset_link(app, client)
+    assert use_link(client, link).status_code == 303
+    assert client.get(path_of(link)).status_code == 404
+    assert named(audit_events, "password_reset_refused") == []
+    assert use_link(client, link, OTHER_PASSWORD).status_code == 404
+    (refused,) = named(audit_events, "password_reset_refused")
+    assert refused["username"] == "alice" and "reason" not in refused
+
+
+def test_a_new_password_made_of_the_username_is_refused_on_the_reset_page(app, client) -> None:
+    # Strong on its own (test_passwords), guessable to anyone who knows the name.
+    verified_user(app, client, "marmaladeskies", "m@example.org")
+    link = reset_link(app, client, "m@example.org")
+    before = stored_bytes(app)
+    response = use_link(client, link, "marmaladeskies2024")
+    assert response.status_code == 422
+    assert stored_bytes(app) == before
+    assert use_link(client, link).status_code == 303
+
+
+def test_a_link_used_twice_at_once_resets_once_and_the_loser_is_audited(
+    app, client, alice, audit_events, monkeypatch
+) -> None:
+    from test_races import _before_first_update
+
+    link = reset_link(app, client)
+    other = app.test_client()
+    # The other browser uses the link while this request is about to write its password.
+    done = _before_first_update(
+        monkeypatch, app, lambda: use_link(other, link, OTHER_PASSWORD).status_code
+    )
+    response = use_link(client, link)
+    assert done == [303]
+    assert response.status_code == 404
+    assert "This link does not work" in response.get_data(as_text=True)
+    (refused,) = named(audit_events, "password_reset_refused")
+    assert refused["username"] == "alice" and refused["reason"] == "changed meanwhile"
+    assert [e["username"] for e in named(audit_events, "password_reset")] == ["alice"]
+    assert AuthActions(app.test_client()).login("alice", OTHER_PASSWORD).status_code == 302
+
+
+def test_forgot_password_asks_with_a_200_names_the_address_and_audits_no_user(
+    app, client, alice, audit_events
+) -> None:
+    page = client.get("/forgot-password")
+    assert page.status_code == 200
+    response = ask_reset(client, "nobody@example.org")
+    assert response.status_code == 200
+    assert "verified address <strong>nobody@example.org</strong>" in response.get_data(as_text=True)
+    # Asked, for an address: whose account it is (if any) is not for the log to say.
+    assert [e["username"] for e in named(audit_events, "password_reset_asked")] == [None]
+
+
+def test_a_verification_page_names_the_address_and_posts_back_to_its_own_link(app, client) -> None:
+    AuthActions(client).register()
+    AuthActions(client).login()
+    change_email(app, client, "alice@example.org")
+    path = path_of(link_of(last_to(app, "alice@example.org")))
+    html = client.get(path).get_data(as_text=True)
+    assert "Confirm that <strong>alice@example.org</strong> is yours." in html
+    assert f'<form method="post" action="{path}"' in html
+
+
+def test_a_verified_address_is_audited_and_an_event(app, client, audit_events) -> None:
+    AuthActions(client).register()
+    AuthActions(client).login()
+    change_email(app, client, "alice@example.org")
+    assert confirm(client, link_of(last_to(app, "alice@example.org"))).status_code == 200
+    assert [e["username"] for e in named(audit_events, "email_verified")] == ["alice"]
+    assert record(app)["events"][-1]["k"] == "email_verified"
+    assert "Email address confirmed" in client.get("/security").get_data(as_text=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import requests
+import test_two_factor
+from test_two_factor import flashes
 
 from helpers import (
     OTHER_PASSWORD,
@@ -821,3 +823,39 @@ def test_each_session_says_when_it_started_and_was_last_active(app, clock):
     shown = re.findall(r"signed in ([^<]+?) · last active ([^<]+?)</p>", page)
     assert started == 1_800_000_010
     assert shown == [("15 January 2027, 08:00 UTC", "in the last 5 minutes")]
+
+
+# -- what ending a session says, and writes to the audit trail ----------------------------
+
+audit_events = test_two_factor.audit_events  # the fixture, shared
+
+
+def test_ending_a_session_says_so_as_a_success_and_audits_who_ended_it(app, audit_events):
+    laptop = logged_in(app, FIREFOX)
+    logged_in(app, SAFARI, "203.0.113.9")
+    (target,) = shown_ids(laptop)
+    assert end(laptop, target).headers["Location"] == "/security"
+    said = "The session on Mobile Safari 17 on iOS has ended: it must sign in again."
+    assert flashes(laptop, "/security") == [("flash-success", said)]
+    ended = [e for e in audit_events() if e["event"].startswith("session_end")]
+    assert [(e["event"], e["username"]) for e in ended] == [("session_ended", "alice")]
+
+
+def test_a_refused_end_is_an_error_and_audited_as_refused(app, audit_events):
+    here = logged_in(app)
+    logged_in(app, SAFARI)
+    response = end(here, "0" * 32)
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(here, "/security") == [("flash-error", NOT_FOUND)]
+    ended = [e for e in audit_events() if e["event"].startswith("session_end")]
+    assert [(e["event"], e["username"]) for e in ended] == [("session_end_refused", "alice")]
+
+
+def test_ending_the_current_session_is_an_error_that_goes_back_to_the_page(app, audit_events):
+    here = logged_in(app)
+    with here.session_transaction() as cookie:
+        mine = sessions.public_id_of(cookie["sid"])
+    response = end(here, mine)
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(here, "/security") == [("flash-error", IS_CURRENT)]
+    assert not [e for e in audit_events() if e["event"].startswith("session_end")]

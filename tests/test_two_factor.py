@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from helpers import (
 from secure_app import mfa, reauth
 from secure_app.security import limiter
 from secure_app.store import get_store
+from secure_app.two_factor import CODE_FAILED
 
 SECRET_RE = re.compile(r'<code id="totp-secret">([A-Z2-7 ]+)</code>')
 ENROLMENT_RE = re.compile(r'name="enrolment" type="hidden" value="([^"]+)"')
@@ -807,10 +809,11 @@ def test_rotate_mfa_key_command_locks_nobody_out(app, clock, enrolled, tmp_path)
 # -- the pending login: each check on its own ------------------------------------------------
 
 
-def flashes(client, path: str = "/login") -> list[str]:
-    """The messages the page at ``path`` (the login page) shows next, with their category."""
-    html = client.get(path).get_data(as_text=True)
-    return re.findall(r'<p class="flash (flash-\w+)">([^<]*)</p>', html)
+def flashes(client, page: str = "/login") -> list[tuple[str, str]]:
+    """The messages ``page`` shows next, with their category."""
+    html = client.get(page).get_data(as_text=True)
+    found = re.findall(r'<p class="flash (flash-\w+)">([^<]*)</p>', html)
+    return [(category, unescape(message)) for category, message in found]
 
 
 def test_a_pending_login_lives_five_minutes_to_the_second(app, client, clock, enrolled) -> None:
@@ -938,3 +941,435 @@ def test_deleting_the_account_ends_a_pending_login(app, client, clock, enrolled)
     response = second_step(client, mfa.code_at(secret, clock.step))
     assert response.status_code == 303 and response.headers["Location"] == "/login"
     assert who(client) is None and record(app) is None
+
+
+# -- what the factor handlers say, mail, audit and record ------------------------------------
+
+ADDRESS = "alice@example.org"
+CHANGED_MEANWHILE = ("flash-error", "Your sign-in settings changed meanwhile. Please look again.")
+
+
+def verified_address(app, username: str = "alice") -> str:
+    """Give ``username`` a verified address (set-up only: recovery.py has the real flow)."""
+    with app.app_context():
+        get_store().update(username, lambda r: r.update(email=ADDRESS, email_verified=ADDRESS))
+    return ADDRESS
+
+
+def notices(app, address: str = ADDRESS) -> list[str]:
+    """The subjects of the mails sent to ``address`` so far, oldest first."""
+    from test_recovery import outbox  # test_recovery imports this module
+
+    return [m["Subject"] for m in outbox(app) if m["To"] == address]
+
+
+def named(audit_events, *names: str) -> list[tuple[str, str | None]]:
+    """The audit events called one of ``names``, as (event, username)."""
+    return [(e["event"], e["username"]) for e in audit_events() if e["event"] in names]
+
+
+def in_two_browsers(app, codes: list[str]) -> tuple:
+    """alice logged in (freshly) in two browsers, each with a recovery code."""
+    first, second = app.test_client(), app.test_client()
+    assert login_with_code(first, codes[0]).status_code == 302
+    assert login_with_code(second, codes[1]).status_code == 302
+    return first, second
+
+
+def test_turning_totp_off_says_so_mails_the_owner_and_is_audited(
+    app, client, clock, enrolled, audit_events
+) -> None:
+    _, codes = enrolled
+    verified_address(app)
+    assert login_with_code(client, codes[0]).status_code == 302
+    response = post(client, "/security/totp/disable")
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(client, "/security") == [
+        (
+            "flash-message",
+            "Two-step sign-in is off. Your app's codes and your recovery codes no longer work.",
+        )
+    ]
+    assert named(audit_events, "totp_disabled") == [("totp_disabled", "alice")]
+    assert notices(app)[-1] == "Security notice: two-step sign-in was turned off"
+
+
+def test_turning_totp_off_when_it_is_off_says_so_and_changes_nothing(
+    app, logged_in, audit_events
+) -> None:
+    verified_address(app)
+    before = stored_bytes(app)
+    response = post(logged_in, "/security/totp/disable")
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(logged_in, "/security") == [("flash-info", "Two-step sign-in was already off.")]
+    assert stored_bytes(app) == before
+    assert named(audit_events, "totp_disabled") == [] and notices(app) == []
+
+
+def test_two_tabs_turning_totp_off_at_once_do_it_once(
+    app, clock, enrolled, audit_events, monkeypatch
+) -> None:
+    from test_races import _before_first_update
+
+    _, codes = enrolled
+    verified_address(app)
+    tab, other = in_two_browsers(app, codes)
+    token = csrf_token(tab, "/security")  # tab loaded alice with TOTP on
+    done = _before_first_update(
+        monkeypatch, app, lambda: post(other, "/security/totp/disable").status_code
+    )
+    response = tab.post("/security/totp/disable", data={"csrf_token": token})
+    assert done == [303]
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(tab, "/security") == [CHANGED_MEANWHILE]
+    assert named(audit_events, "totp_disabled") == [("totp_disabled", "alice")]
+    assert notices(app).count("Security notice: two-step sign-in was turned off") == 1
+
+
+def test_new_recovery_codes_are_said_mailed_audited_and_an_event(
+    app, client, clock, enrolled, audit_events
+) -> None:
+    _, codes = enrolled
+    verified_address(app)
+    assert login_with_code(client, codes[0]).status_code == 302
+    response = post(client, "/security/recovery-codes")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert "Here is your new set. The old codes no longer work." in html
+    assert "Two-step sign-in is on." not in html
+    assert named(audit_events, "recovery_codes_regenerated") == [
+        ("recovery_codes_regenerated", "alice")
+    ]
+    assert notices(app)[-1] == (
+        "Security notice: new recovery codes were made; the old ones no longer work"
+    )
+    assert record(app)["events"][-1]["k"] == "recovery_codes_regenerated"
+    assert "New recovery codes made" in client.get("/security").get_data(as_text=True)
+
+
+def test_new_recovery_codes_without_totp_are_refused_with_a_hint(
+    app, logged_in, audit_events
+) -> None:
+    verified_address(app)
+    before = stored_bytes(app)
+    response = post(logged_in, "/security/recovery-codes")
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert flashes(logged_in, "/security") == [
+        ("flash-info", "Turn on two-step sign-in first: recovery codes come with it.")
+    ]
+    assert stored_bytes(app) == before
+    assert named(audit_events, "recovery_codes_regenerated") == [] and notices(app) == []
+
+
+def test_new_recovery_codes_while_another_tab_turns_totp_off_store_nothing(
+    app, clock, enrolled, audit_events, monkeypatch
+) -> None:
+    from test_races import _before_first_update
+
+    _, codes = enrolled
+    verified_address(app)
+    tab, other = in_two_browsers(app, codes)
+    token = csrf_token(tab, "/security")
+    done = _before_first_update(
+        monkeypatch, app, lambda: post(other, "/security/totp/disable").status_code
+    )
+    response = tab.post("/security/recovery-codes", data={"csrf_token": token})
+    assert done == [303]
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert CODES_RE.findall(response.get_data(as_text=True)) == []
+    assert flashes(tab, "/security") == [CHANGED_MEANWHILE]
+    assert "recovery_codes" not in record(app)
+    assert named(audit_events, "recovery_codes_regenerated") == []
+    assert not any("new recovery codes" in subject for subject in notices(app))
+
+
+def test_the_security_page_says_when_the_app_was_set_up(app, client, clock) -> None:
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    secret, _ = enrol(client, clock)  # 15 January 2027, 08:00 UTC
+    auth.logout()
+    clock.advance(3 * 86400)
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    html = client.get("/security").get_data(as_text=True)
+    assert "(set up on 15 January 2027)" in html
+
+
+def test_a_factor_stored_without_its_date_still_shows_the_page(app, client, clock) -> None:
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    enrol(client, clock)
+
+    def undated(r: dict) -> None:
+        del r["totp"]["added"]
+
+    with app.app_context():
+        get_store().update("alice", undated)
+    page = client.get("/security")
+    assert page.status_code == 200
+    assert "(set up on 01 January 1970)" in page.get_data(as_text=True)
+
+
+def test_a_recovery_code_login_says_how_many_remain_and_mails_the_owner(
+    app, client, clock, enrolled, audit_events
+) -> None:
+    _, codes = enrolled
+    verified_address(app)
+    response = login_with_code(client, codes[2])
+    assert response.headers["Location"] == "/account-details"
+    assert flashes(client, "/account-details") == [
+        ("flash-info", "You used a recovery code; 9 remain.")
+    ]
+    logins = [e for e in audit_events() if e["event"] == "login_success"]
+    assert [(e["username"], e["second_factor"]) for e in logins[-1:]] == [("alice", "recovery")]
+    assert notices(app) == ["Security notice: a recovery code was used to sign in"]
+    shown = client.get("/security").get_data(as_text=True)
+    assert "Signed in with your password and a recovery code" in shown
+
+
+def test_an_app_code_login_is_audited_and_shown_as_such_and_mails_nothing(
+    app, client, clock, enrolled, audit_events
+) -> None:
+    secret, _ = enrolled
+    verified_address(app)
+    assert login_with_code(client, mfa.code_at(secret, clock.step)).status_code == 302
+    assert flashes(client, "/account-details") == []
+    logins = [e for e in audit_events() if e["event"] == "login_success"]
+    assert [(e["username"], e["second_factor"]) for e in logins[-1:]] == [("alice", "totp")]
+    assert notices(app) == []
+    shown = client.get("/security").get_data(as_text=True)
+    assert "Signed in with your password and authenticator app" in shown
+
+
+def test_the_second_step_asks_with_a_200_and_refuses_a_missing_code_like_a_wrong_one(
+    tmp_path, monkeypatch, clock, audit_events
+) -> None:
+    app = two_factor_app(
+        tmp_path, monkeypatch, RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT_USER="2 per minute"
+    )
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    secret, _ = enrol(client, clock)
+    AuthActions(client).logout()
+    clock.next_step()
+    assert AuthActions(client).login().headers["Location"] == "/login/two-factor"
+    page = client.get("/login/two-factor")
+    assert page.status_code == 200 and CODE_FAILED not in page.get_data(as_text=True)
+    for code in ("", "1" * (mfa.MAX_CODE_INPUT + 1)):  # no code, and one the form refuses
+        response = second_step(client, code)
+        assert response.status_code == 422
+        assert CODE_FAILED in unescape(response.get_data(as_text=True))
+    assert named(audit_events, "two_factor_failure") == [("two_factor_failure", "alice")] * 2
+    assert [e["k"] for e in record(app)["events"][-2:]] == ["two_factor_failure"] * 2
+    # Both counted against alice's login limit: the right code is refused now.
+    assert second_step(client, mfa.code_at(secret, clock.step)).status_code == 429
+    assert who(client) is None
+
+
+def test_a_password_change_between_the_code_and_the_session_starts_the_login_over(
+    app, client, clock, enrolled, monkeypatch
+) -> None:
+    from test_races import _in_thread
+
+    from secure_app import auth
+
+    secret, codes = enrolled
+    owner = app.test_client()
+    assert login_with_code(owner, codes[0]).status_code == 302
+    AuthActions(client).login()
+    real = auth.begin_session
+    done: list[object] = []
+
+    def owner_changes_the_password_first(*args: object, **kwargs: object) -> bool:
+        if not done:
+            done.append(None)  # once: the owner's request starts a session too
+            done[0] = _in_thread(lambda: AuthActions(owner).change_password().status_code)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auth, "begin_session", owner_changes_the_password_first)
+    response = second_step(client, mfa.code_at(secret, clock.step))
+    assert done == [302]
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None
+    assert flashes(client) == [("flash-info", "Please log in again.")]
+    assert len(record(app)["sessions"]) == 1  # the owner's, renewed by the change
+
+
+def test_the_second_step_offers_both_the_code_and_the_passkey_when_both_are_set_up(
+    app, client, clock
+) -> None:
+    from test_passkeys import SoftAuthenticator
+    from test_passkeys import enrol as add_passkey
+
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    assert add_passkey(client, SoftAuthenticator()).status_code == 303
+    enrol(client, clock)
+    auth.logout()
+    assert auth.login().headers["Location"] == "/login/two-factor"
+    html = client.get("/login/two-factor").get_data(as_text=True)
+    assert 'name="code"' in html and ", or use your passkey." in html
+    assert re.search(r'<button type="button" id="passkey-second-factor"[^>]*>', html) is None
+    assert 'id="passkey-second-factor"' in html
+
+
+def test_the_enrolment_page_says_when_the_app_is_on_already(app, client, clock, enrolled) -> None:
+    _, codes = enrolled
+    assert login_with_code(client, codes[0]).status_code == 302
+    page = client.get("/security/totp")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "Two-step sign-in with an authenticator app is already on." in html
+    assert SECRET_RE.search(html) is None and 'name="code"' not in html
+
+
+def test_turning_totp_on_is_said_mailed_audited_and_an_event(
+    app, logged_in, clock, audit_events
+) -> None:
+    verified_address(app)
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    response = post(
+        logged_in,
+        "/security/totp",
+        {"code": mfa.code_at(secret, clock.step), "enrolment": ENROLMENT_RE.search(html)[1]},
+    )
+    assert response.status_code == 200
+    assert "Two-step sign-in is on." in response.get_data(as_text=True)
+    assert len(CODES_RE.findall(response.get_data(as_text=True))) == 10
+    assert named(audit_events, "totp_enabled", "totp_enrol_failure") == [("totp_enabled", "alice")]
+    assert notices(app) == ["Security notice: two-step sign-in was turned on"]
+    assert record(app)["events"][-1]["k"] == "totp_enabled"
+    assert "Authenticator app turned on" in logged_in.get("/security").get_data(as_text=True)
+
+
+def test_a_wrong_enrolment_code_says_so_and_is_audited(app, logged_in, clock, audit_events) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    wrong = f"{(int(mfa.code_at(secret, clock.step)) + 1) % 1_000_000:06d}"
+    response = post(
+        logged_in, "/security/totp", {"code": wrong, "enrolment": ENROLMENT_RE.search(html)[1]}
+    )
+    assert response.status_code == 422
+    page = response.get_data(as_text=True)
+    assert "That code is not right. Enter the code your app shows now." in page
+    assert "expired" not in page
+    assert named(audit_events, "totp_enrol_failure") == [("totp_enrol_failure", "alice")]
+
+
+def test_an_enrolment_form_that_is_not_whole_asks_for_the_code(
+    app, logged_in, clock, audit_events
+) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1).replace(" ", "")
+    enrolment = ENROLMENT_RE.search(html)[1]
+    before = stored_bytes(app)
+    # The key's sealed form missing: the code alone cannot be checked.
+    response = post(logged_in, "/security/totp", {"code": mfa.code_at(secret, clock.step)})
+    assert response.status_code == 422
+    assert "Enter the code your app shows." in response.get_data(as_text=True)
+    # A code the form refuses keeps the form's own reason.
+    response = post(logged_in, "/security/totp", {"code": "", "enrolment": enrolment})
+    assert response.status_code == 422
+    assert "This field is required." in response.get_data(as_text=True)
+    assert "Enter the code your app shows." not in response.get_data(as_text=True)
+    assert stored_bytes(app) == before
+    assert named(audit_events, "totp_enrol_failure") == []  # nothing was checked
+
+
+def test_two_tabs_turning_totp_on_at_once_keep_the_one_that_landed_first(
+    app, client, clock, audit_events, monkeypatch
+) -> None:
+    from test_races import _before_first_update
+
+    auth = AuthActions(client)
+    auth.register()
+    auth.login()
+    other = app.test_client()
+    AuthActions(other).login()
+    pages = [c.get("/security/totp").get_data(as_text=True) for c in (client, other)]
+    secrets = [SECRET_RE.search(p).group(1).replace(" ", "") for p in pages]
+
+    def enrol_form(page: str, secret: str, token_from) -> dict:
+        return {
+            "code": mfa.code_at(secret, clock.step),
+            "enrolment": ENROLMENT_RE.search(page)[1],
+            "csrf_token": csrf_token(token_from, "/security"),
+        }
+
+    data = enrol_form(pages[0], secrets[0], client)
+    done = _before_first_update(
+        monkeypatch,
+        app,
+        lambda: other.post("/security/totp", data=enrol_form(pages[1], secrets[1], other)),
+    )
+    response = client.post("/security/totp", data=data)
+    assert done[0].status_code == 200  # the other tab's key is on
+    assert response.status_code == 303 and response.headers["Location"] == "/security"
+    assert CODES_RE.findall(response.get_data(as_text=True)) == []
+    assert flashes(client, "/security") == [CHANGED_MEANWHILE]
+    assert named(audit_events, "totp_enabled") == [("totp_enabled", "alice")]
+    auth.logout()
+    clock.next_step()
+    assert (
+        login_with_code(app.test_client(), mfa.code_at(secrets[0], clock.step)).status_code == 422
+    )
+    assert (
+        login_with_code(app.test_client(), mfa.code_at(secrets[1], clock.step)).status_code == 302
+    )
+
+
+def test_the_gate_leaves_open_what_enrolling_and_leaving_need(tmp_path, monkeypatch, clock) -> None:
+    app = two_factor_app(tmp_path, monkeypatch, REQUIRE_TWO_FACTOR=True)
+    client = app.test_client()
+    AuthActions(client).register()
+    assert AuthActions(client).login().status_code == 302
+    assert client.get("/account-details").headers["Location"] == "/security/totp"
+    # Confirming it is them, and starting a passkey, are ways to enrol.
+    assert client.get("/reauthenticate").status_code == 200
+    passkey = post(client, "/security/passkeys/add", {"name": "Laptop"})
+    assert passkey.status_code == 200 and "passkey-ceremony" in passkey.get_data(as_text=True)
+    # A verification link (from a mail) still opens its page.
+    from test_recovery import change_email, last_to, link_of, path_of
+
+    change_email(app, client, ADDRESS)
+    assert client.get(path_of(link_of(last_to(app, ADDRESS)))).status_code == 200
+
+
+def test_a_damaged_factor_entry_is_shown_as_off_as_the_login_treats_it(app, logged_in) -> None:
+    def damage(r: dict) -> None:
+        r["totp"] = "not a factor"
+
+    with app.app_context():
+        get_store().update("alice", damage)
+    page = logged_in.get("/security")
+    assert page.status_code == 200 and "Off:" in page.get_data(as_text=True)
+    # The password alone logs in, as the page says.
+    assert AuthActions(app.test_client()).login().headers["Location"] == "/account-details"
+
+
+def test_an_expired_enrolment_form_says_so_offers_a_new_key_and_is_audited(
+    app, logged_in, clock, audit_events
+) -> None:
+    html = logged_in.get("/security/totp").get_data(as_text=True)
+    secret = SECRET_RE.search(html).group(1)
+    clock.advance(mfa.ENROL_TTL + 1)
+    post(logged_in, "/reauthenticate", {"password": PASSWORD}, token_from="/reauthenticate")
+    before = stored_bytes(app)
+    response = post(
+        logged_in,
+        "/security/totp",
+        {
+            "code": mfa.code_at(secret.replace(" ", ""), clock.step),
+            "enrolment": ENROLMENT_RE.search(html)[1],
+        },
+    )
+    assert response.status_code == 422
+    page = response.get_data(as_text=True)
+    assert "That set-up expired. Add this new key to your app." in page
+    assert SECRET_RE.search(page).group(1) != secret
+    assert stored_bytes(app) == before
+    assert named(audit_events, "totp_enrol_failure") == [("totp_enrol_failure", "alice")]
