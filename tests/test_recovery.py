@@ -879,3 +879,11 @@ def test_a_verified_address_is_audited_and_an_event(app, client, audit_events) -
     assert [e["username"] for e in named(audit_events, "email_verified")] == ["alice"]
     assert record(app)["events"][-1]["k"] == "email_verified"
     assert "Email address confirmed" in client.get("/security").get_data(as_text=True)
+
+
+def test_the_reset_page_posts_back_to_its_own_link(app, client, alice) -> None:
+    path = path_of(reset_link(app, client))
+    refused = use_link(client, path, "short")  # the form again, with its error
+    assert refused.status_code == 422
+    for response in (client.get(path), refused):
+        assert f'<form method="post" action="{path}"' in response.get_data(as_text=True)
