@@ -366,6 +366,8 @@ def test_reauthenticate_with_a_passkey(app, logged_in, alice_key):
     options, action, token = ceremony(
         begin(logged_in, "/reauthenticate/passkey?next=/security/totp", "/security")
     )
+    # The browser offers alice's own passkeys only.
+    assert [c["id"] for c in options["allowCredentials"]] == [b64(alice_key.credential_id)]
     response = finish(logged_in, action, token, alice_key.get(options, origin_of(app)))
     assert response.status_code == 303 and response.headers["Location"] == "/security/totp"
     assert logged_in.get("/security/totp").status_code == 200
@@ -1255,7 +1257,9 @@ def test_a_passkey_removed_while_its_sign_in_is_checked_gives_no_session(
     assert flashed(logged_in, response) == [("error", passkeys.REFUSED)]
     assert who(logged_in) is None and record(app)["passkeys"] == []
     assert record(app)["passkey_challenges"] == challenges  # nothing but the removal was written
-    assert audit_lines.of("login_failure", "reason") == [("alice", "changed meanwhile")]
+    assert audit_lines.of("login_failure", "method", "reason") == [
+        ("alice", "passkey", "changed meanwhile")
+    ]
 
 
 # -- the second step and re-authentication: what is said and audited -----------------------------
@@ -1450,3 +1454,18 @@ def test_a_challenge_drawn_to_add_a_passkey_does_not_re_authenticate(app, logged
     assert response.headers["Location"] == "/reauthenticate?next=/security"
     assert logged_in.get("/security/totp").status_code == 303  # still not re-authenticated
     assert stored_bytes(app) == before
+
+
+def test_a_credential_of_16_kib_is_read_and_a_longer_one_is_not(app, logged_in, alice_key):
+    log_out(logged_in)
+    for extra, signed_in in [(1, None), (0, "alice")]:
+        options, action, token = ceremony(begin(logged_in, "/login/passkey"))
+        text = json.dumps(alice_key.get(options, origin_of(app)))
+        finish(logged_in, action, token, text.ljust(passkeys.MAX_CREDENTIAL + extra))
+        assert who(logged_in) == signed_in
+
+
+def test_a_second_step_answer_without_a_password_login_starts_over(app, client):
+    response = finish(client, "/login/two-factor/passkey/verify", csrf_token(client), "{}")
+    assert response.status_code == 303 and response.headers["Location"] == "/login"
+    assert who(client) is None
