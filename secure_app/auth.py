@@ -24,7 +24,7 @@ from werkzeug.wrappers import Response
 
 from . import audit, events, mail, mfa, passwords, sessions, uploads
 from .forms import ChangePasswordForm, DeleteAccountForm, LoginForm, RegisterForm
-from .security import limiter, login_failed, login_username_key, session_user_key
+from .security import limiter, login_failed, login_username_key, password_guess_limit
 from .store import Record, RecordGone, StoreError, get_photos, get_store, new_user
 
 bp = Blueprint("auth", __name__)
@@ -480,24 +480,11 @@ bp.add_url_rule(
 )
 bp.add_url_rule(
     "/change-password",
-    view_func=login_required(
-        limiter.shared_limit(
-            lambda: _config("CHANGE_PASSWORD_RATE_LIMIT_USER"),
-            scope="reauthenticate",
-            key_func=session_user_key,
-            methods=["POST"],
-        )(change_password)
-    ),
+    view_func=login_required(password_guess_limit(methods=["POST"])(change_password)),
     methods=("GET", "POST"),
 )
 bp.add_url_rule(
     "/delete-account",
-    view_func=login_required(
-        limiter.shared_limit(
-            lambda: _config("CHANGE_PASSWORD_RATE_LIMIT_USER"),
-            scope="reauthenticate",
-            key_func=session_user_key,
-        )(delete_account)
-    ),
+    view_func=login_required(password_guess_limit()(delete_account)),
     methods=["POST"],
 )

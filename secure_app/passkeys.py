@@ -80,7 +80,7 @@ from werkzeug.wrappers import Response
 from . import audit, auth, events, mail, mfa, reauth, two_factor
 from .auth import login_required, safe_next
 from .reauth import fresh_auth_required
-from .security import limiter, login_failed, session_user_key
+from .security import limiter, login_failed, password_guess_limit
 from .store import get_store
 
 log = logging.getLogger(__name__)
@@ -711,13 +711,7 @@ bp.add_url_rule(
 bp.add_url_rule("/reauthenticate/passkey", view_func=login_required(reauth_begin), methods=["POST"])
 bp.add_url_rule(
     "/reauthenticate/passkey/verify",
-    view_func=login_required(
-        limiter.shared_limit(
-            lambda: current_app.config["CHANGE_PASSWORD_RATE_LIMIT_USER"],
-            scope="reauthenticate",
-            key_func=session_user_key,
-        )(reauthenticate)
-    ),
+    view_func=login_required(password_guess_limit()(reauthenticate)),
     methods=["POST"],
 )
 bp.add_url_rule(

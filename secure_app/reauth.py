@@ -34,7 +34,7 @@ from wtforms.validators import Length
 
 from . import audit, events, mail, mfa, passwords, sessions
 from .auth import for_this_session, login_required, safe_next
-from .security import limiter, session_user_key
+from .security import password_guess_limit
 
 bp = Blueprint("reauth", __name__)
 
@@ -191,14 +191,6 @@ def _renew(user: dict[str, Any], now: int, change: Callable[[dict[str, Any]], bo
 # The view_func is what the decorators made: the outermost wrapper is listed first.
 bp.add_url_rule(
     "/reauthenticate",
-    view_func=login_required(
-        # Shared with change password and delete account: one budget of password guesses.
-        limiter.shared_limit(
-            lambda: current_app.config["CHANGE_PASSWORD_RATE_LIMIT_USER"],
-            scope="reauthenticate",
-            key_func=session_user_key,
-            methods=["POST"],
-        )(reauthenticate)
-    ),
+    view_func=login_required(password_guess_limit(methods=["POST"])(reauthenticate)),
     methods=("GET", "POST"),
 )

@@ -390,6 +390,20 @@ def session_user_key() -> str:
     return "user:" + str(session.get("uid", "<anonymous>"))
 
 
+def password_guess_limit(methods: list[str] | None = None) -> Callable[..., object]:
+    """The one per-user budget of password guesses once logged in, for every view that checks one.
+
+    Change password, delete account and re-authentication (password or passkey) share it, so a
+    stolen cookie cannot try more passwords by spreading them over several forms.
+    """
+    return limiter.shared_limit(
+        lambda: current_app.config["CHANGE_PASSWORD_RATE_LIMIT_USER"],
+        scope="reauthenticate",
+        key_func=session_user_key,
+        methods=methods,
+    )
+
+
 def carries_no_photo() -> bool:
     """An account save counts against the upload limit only when it carries a photo."""
     return not any(photo.filename for photo in request.files.getlist("photo"))
