@@ -16,7 +16,6 @@ import json
 
 import pytest
 from argon2 import PasswordHasher
-from test_fuzz_forms import CHEAP_ARGON2
 
 import images
 from helpers import PASSWORD, AuthActions, csrf_token, make_app, route_urls, stored_bytes
@@ -126,7 +125,7 @@ BODIES = [
 
 def site(tmp_path, **config: object):
     """A client logged in as alice, with a photo and a second session: any acting route writes."""
-    app = make_app(tmp_path, **CHEAP_ARGON2, **config)
+    app = make_app(tmp_path, **config)
     client = app.test_client()
     auth = AuthActions(client)
     assert auth.register().status_code == 302
@@ -297,7 +296,6 @@ def test_json_login_guesses_never_reach_the_password_check_nor_skip_the_user_lim
     """
     app = make_app(
         tmp_path,
-        **CHEAP_ARGON2,
         RATELIMIT_ENABLED=True,
         LOGIN_RATE_LIMIT_IP="100 per minute",
         LOGIN_RATE_LIMIT_USER="5 per minute",

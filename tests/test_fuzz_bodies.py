@@ -20,7 +20,7 @@ from argon2 import PasswordHasher
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_content_types import PROFILE_FIELDS, WRONG
-from test_fuzz_forms import CHEAP_ARGON2, PAYLOADS
+from test_fuzz_forms import PAYLOADS
 from werkzeug.http import parse_options_header
 
 from helpers import PASSWORD, AuthActions, csrf_token, make_app, route_urls, stored_bytes
@@ -228,7 +228,7 @@ class Site:
     """One app for every example: alice, a logged-in client and an anonymous one."""
 
     def __init__(self, tmp_path) -> None:
-        self.app = make_app(tmp_path, **CHEAP_ARGON2)
+        self.app = make_app(tmp_path)
         self.store = self.app.extensions["secure_app.store"]
         self.user = self.app.test_client()
         self.anonymous = self.app.test_client()

@@ -24,11 +24,6 @@ from secure_app import passwords
 from secure_app.auth import LOGIN_FAILED
 from secure_app.forms import USERNAME_RE
 
-# Register, login and change-password hash every valid password they see. The
-# real Argon2id cost (19 MiB, t=2) times hundreds of examples would blow the
-# test budget; hashing strength is tested in the password tests, not here.
-CHEAP_ARGON2 = {"ARGON2_MEMORY_COST": 64, "ARGON2_TIME_COST": 1}
-
 PAYLOADS = [
     "<script>alert(1)</script>",
     '"><img src=x onerror=alert(1)>',
@@ -98,7 +93,7 @@ def first(value: str | list[str] | None) -> str | None:
 
 def site(tmp_path: Path):
     """An app with a logged-in client as ``alice``, reused across examples."""
-    app = make_app(tmp_path, **CHEAP_ARGON2)
+    app = make_app(tmp_path)
     client = app.test_client()
     auth = AuthActions(client)
     assert auth.register().status_code == 302
@@ -185,7 +180,7 @@ def test_account_form_stores_valid_text_exactly_and_refuses_the_rest(tmp_path):
 
 
 def test_register_form_creates_only_valid_accounts_and_never_5xx(tmp_path):
-    app = make_app(tmp_path, **CHEAP_ARGON2)
+    app = make_app(tmp_path)
     client = app.test_client()
     store = app.extensions["secure_app.store"]
     token = csrf_token(client, "/register")
@@ -230,7 +225,7 @@ def test_register_form_creates_only_valid_accounts_and_never_5xx(tmp_path):
 
 
 def test_login_form_admits_only_the_right_password_and_never_5xx(tmp_path):
-    app = make_app(tmp_path, **CHEAP_ARGON2)
+    app = make_app(tmp_path)
     client = app.test_client()
     assert AuthActions(client).register().status_code == 302
     usernames = st.one_of(FIELD, st.sampled_from(["alice", "ALICE", "alice\u200b", "ALİCE"]))

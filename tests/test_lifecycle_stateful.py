@@ -29,7 +29,6 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from itsdangerous import BadSignature
-from test_fuzz_forms import CHEAP_ARGON2
 from test_recovery import NEW_PASSWORD, body, link_of, outbox, path_of
 from test_two_factor import CODES_RE, ENROLMENT_RE, SECRET_RE, post, second_step
 
@@ -70,7 +69,6 @@ VERIFY_TIMEOUT = 86400
 # never moves by such an amount in one go (the invariant's requests keep ``seen`` recent).
 SAFE_IDLE = IDLE - sessions.seen_refresh(IDLE) - 1
 CONFIG = {
-    **CHEAP_ARGON2,
     "SESSION_IDLE_TIMEOUT": IDLE,
     "PERMANENT_SESSION_LIFETIME": LIFETIME,
     "REAUTH_WINDOW": REAUTH_WINDOW,

@@ -120,19 +120,20 @@ def _params(stored_hash: str) -> dict[str, int]:
     return {k: int(v) for k, v in (part.split("=") for part in fields.split(","))}
 
 
-def test_hashes_are_argon2id_at_or_above_the_owasp_floor(app, auth):
-    auth.register()
+def test_hashes_are_argon2id_at_or_above_the_owasp_floor(tmp_path):
+    app = make_app(tmp_path, real_argon2=True)
+    AuthActions(app.test_client()).register()
     params = _params(_stored(app)["password_hash"])
     assert params["m"] >= 19456 and params["t"] >= 2 and params["p"] >= 1
 
 
 def test_hash_is_upgraded_at_login_after_a_parameter_change(tmp_path):
-    old_app = make_app(tmp_path)
+    old_app = make_app(tmp_path, real_argon2=True)
     AuthActions(old_app.test_client()).register()
     old_hash = _stored(old_app)["password_hash"]
     assert _params(old_hash)["t"] == 2
 
-    new_app = make_app(tmp_path, ARGON2_TIME_COST=3)
+    new_app = make_app(tmp_path, real_argon2=True, ARGON2_TIME_COST=3)
     # A failed login does not touch the hash.
     assert AuthActions(new_app.test_client()).login("alice", "wrong " + PASSWORD).status_code == 200
     assert _stored(new_app)["password_hash"] == old_hash
@@ -187,9 +188,10 @@ def test_argon2_type_is_id(app):
         assert app.extensions["secure_app.passwords"]["hasher"].type is Type.ID
 
 
-def test_hashes_use_exactly_the_configured_cost_by_default(app, auth):
+def test_hashes_use_exactly_the_configured_cost_by_default(tmp_path):
     """m=19 MiB, t=2, p=1 unless configured: not argon2-cffi's own defaults (64 MiB, p=4)."""
-    auth.register()
+    app = make_app(tmp_path, real_argon2=True)
+    AuthActions(app.test_client()).register()
     assert _params(_stored(app)["password_hash"]) == {"m": 19 * 1024, "t": 2, "p": 1}
 
 

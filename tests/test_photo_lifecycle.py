@@ -40,8 +40,7 @@ class PhotoLifecycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="photo-lifecycle-"))
-        # Cheap hashing: the password cost is not what is tested here.
-        self.app = make_app(self.tmp, ARGON2_TIME_COST=1, ARGON2_MEMORY_COST=8)
+        self.app = make_app(self.tmp)
         self.browsers = {(u, t): self.app.test_client() for u in USERS for t in TABS}
         self.pending: tuple[str, Callable[[], None]] | None = None
         self._hook()

@@ -16,7 +16,6 @@ from pathlib import Path
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_fuzz_forms import CHEAP_ARGON2
 from test_recovery import NEW_PASSWORD, body, change_email, confirm, link_of, outbox, path_of
 
 from helpers import (
@@ -50,7 +49,6 @@ class RecoveryMachine(RuleBasedStateMachine):
             self.tmp,
             PASSWORD_RESET_TIMEOUT=RESET_TIMEOUT,
             EMAIL_VERIFY_TIMEOUT=VERIFY_TIMEOUT,
-            **CHEAP_ARGON2,
         )
         self.client = self.app.test_client()
         self.seen = 0  # messages already read from the outbox

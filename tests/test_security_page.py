@@ -37,7 +37,6 @@ SAFARI = (
 )
 WRONG = "not the password at all, sorry"
 ID_RE = re.compile(r'name="session_id" value="([0-9a-f]{32})"')
-CHEAP_ARGON2 = {"ARGON2_TIME_COST": 1, "ARGON2_MEMORY_COST": 8, "ARGON2_PARALLELISM": 1}
 
 
 class Clock:
@@ -55,7 +54,7 @@ class Clock:
 
 @pytest.fixture
 def app(tmp_path):
-    app = make_app(tmp_path, **CHEAP_ARGON2)
+    app = make_app(tmp_path)
     assert AuthActions(app.test_client()).register().status_code == 302
     return app
 
@@ -140,7 +139,7 @@ def test_the_data_file_keeps_a_short_summary_of_the_user_agent_not_the_header(ap
 
 
 def test_a_forwarded_address_that_is_not_an_address_is_not_stored(tmp_path):
-    app = make_app(tmp_path, PROXY_HOPS=1, **CHEAP_ARGON2)
+    app = make_app(tmp_path, PROXY_HOPS=1)
     AuthActions(app.test_client()).register()
     client = app.test_client()
     client.environ_base["HTTP_X_FORWARDED_FOR"] = "<script>alert(1)</script>"
@@ -381,7 +380,7 @@ def test_an_ended_session_is_not_brought_back_by_its_activity_refresh():
 def test_a_new_login_past_the_cap_ends_the_oldest_session(tmp_path, monkeypatch):
     clock = Clock(time.time())
     monkeypatch.setattr(time, "time", clock)
-    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=3, **CHEAP_ARGON2)
+    app = make_app(tmp_path, MAX_SESSIONS_PER_USER=3)
     AuthActions(app.test_client()).register()
     clients = []
     for _ in range(3):
@@ -396,7 +395,7 @@ def test_a_new_login_past_the_cap_ends_the_oldest_session(tmp_path, monkeypatch)
 
 
 def test_the_cap_defaults_to_twenty(tmp_path):
-    app = make_app(tmp_path, **CHEAP_ARGON2)
+    app = make_app(tmp_path)
     assert app.config["MAX_SESSIONS_PER_USER"] == 20
     rec: dict = {}
     with app.test_request_context():
@@ -642,7 +641,7 @@ def test_a_wrong_second_step_code_is_listed_and_told_at_the_next_sign_in(
 ):
     from test_two_factor import enrol, login_with_code, second_step, two_factor_app
 
-    app = two_factor_app(tmp_path, monkeypatch, **CHEAP_ARGON2)
+    app = two_factor_app(tmp_path, monkeypatch)
     owner = browser(app, FIREFOX, "198.51.100.7")
     AuthActions(owner).register()
     AuthActions(owner).login()

@@ -22,7 +22,6 @@ from secure_app.store import get_store
 
 BROWSERS = 3
 WRONG = "not the password at all, sorry"
-CHEAP_ARGON2 = {"ARGON2_TIME_COST": 1, "ARGON2_MEMORY_COST": 8, "ARGON2_PARALLELISM": 1}
 browsers = st.integers(min_value=0, max_value=BROWSERS - 1)
 
 
@@ -30,7 +29,7 @@ class SessionsMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="sessions-machine-"))
-        self.app = make_app(self.tmp, **CHEAP_ARGON2)
+        self.app = make_app(self.tmp)
         self.clients = [self.app.test_client() for _ in range(BROWSERS)]
         assert AuthActions(self.clients[0]).register().status_code == 302
         self.password = PASSWORD

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from flask import session
-from test_fuzz_forms import CHEAP_ARGON2
 
 from helpers import (
     CSRF_RE,
@@ -40,7 +39,7 @@ CODES_RE = re.compile(r'<code class="recovery-code">([A-Z0-9-]+)</code>')
 def two_factor_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config: object):
     """An app whose keys (secret and MFA) live in ``tmp_path/instance``, not in the repo."""
     monkeypatch.setenv("FLASK_INSTANCE_PATH", str(tmp_path / "instance"))
-    app = make_app(tmp_path, **{**CHEAP_ARGON2, **config})
+    app = make_app(tmp_path, **config)
     if config.get("RATELIMIT_ENABLED"):
         # One limiter per process, and every test starts at the same fake time:
         # counts from another test's app would still be in its window.
@@ -266,7 +265,7 @@ def test_a_code_is_accepted_once_even_by_another_process(app, tmp_path, clock, e
     first = app.test_client()
     assert login_with_code(first, code).status_code == 302
     # The same code at once, from another browser and from another app process.
-    other_process = make_app(tmp_path, **CHEAP_ARGON2)
+    other_process = make_app(tmp_path)
     for client in (app.test_client(), other_process.test_client()):
         before = all_but_events(app)
         response = login_with_code(client, code)

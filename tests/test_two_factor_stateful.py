@@ -19,7 +19,6 @@ from pathlib import Path
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from test_fuzz_forms import CHEAP_ARGON2
 from test_two_factor import (
     CODES_RE,
     ENROLMENT_RE,
@@ -77,9 +76,7 @@ class TwoFactorMachine(RuleBasedStateMachine):
         self.clock = self.undo.enter_context(fake_time(Clock(START)))
         self.undo.enter_context(environ(FLASK_INSTANCE_PATH=str(self.tmp / "instance")))
         # Sessions that never time out: the model is about factors, not idle timeouts.
-        self.app = make_app(
-            self.tmp, **CHEAP_ARGON2, SESSION_IDLE_TIMEOUT=10**7, PERMANENT_SESSION_LIFETIME=10**7
-        )
+        self.app = make_app(self.tmp, SESSION_IDLE_TIMEOUT=10**7, PERMANENT_SESSION_LIFETIME=10**7)
         self.clients = {name: self.app.test_client() for name in ("A", "B")}
         assert AuthActions(self.clients["A"]).register().status_code == 302
         self.model = Model(browsers={name: Browser() for name in self.clients})
