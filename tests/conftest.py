@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,21 +33,55 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``make mutation``, run each mutant's tests quickest first.
+# Under `make mutation`, mutmut runs each mutant's tests in a forked worker, from the
+# folder that holds its measurements (mutmut-stats.json); the workers note there which
+# test killed a mutant of which function, so that the next mutant of that function tries
+# those tests first. Outcomes do not depend on the order (a mutant is killed when any of
+# its tests fails, and the tests are independent); only the time to the first failure does.
+# MUTATION_TEST_ORDER=duration keeps to quickest first (bench/mutation_order.py compares).
+MUTMUT_STATS = Path("mutmut-stats.json")
+MUTMUT_KILLS = Path("mutmut-kills.txt")
 
-    mutmut stops at the first failing test (``-x``), so a mutant that a quick
-    test kills should not wait for the slow ones. The durations are the ones
-    mutmut measured on the unmutated code (``mutmut-stats.json``, in the
-    folder it runs the tests from); a normal run is left in its own order.
+
+def _mutated_function() -> str | None:
+    """The function whose mutant this process tests, under ``make mutation``; else None."""
+    name = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" not in name or not MUTMUT_STATS.exists():
+        return None
+    return name.rpartition("__mutmut_")[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``make mutation``, run first the tests likeliest to kill this mutant soonest.
+
+    mutmut stops at the first failing test (``-x``). First come the tests that killed
+    other mutants of the same function (most kills first), then the rest, quickest first
+    by the durations mutmut measured on the unmutated code. A normal run keeps its order.
     """
-    if os.environ.get("MUTANT_UNDER_TEST", "stats") == "stats":
+    function = _mutated_function()
+    if function is None:
         return
-    stats = Path("mutmut-stats.json")
-    if not stats.exists():
+    took = json.loads(MUTMUT_STATS.read_text()).get("duration_by_test", {})
+    kills: Counter[str] = Counter()
+    if MUTMUT_KILLS.exists() and os.environ.get("MUTATION_TEST_ORDER") != "duration":
+        for line in MUTMUT_KILLS.read_text().splitlines():
+            killed_in, _, test = line.partition(" ")
+            if killed_in == function:
+                kills[test] += 1
+    items.sort(key=lambda item: (-kills[item.nodeid], took.get(item.nodeid, float("inf"))))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Under ``make mutation``, note the test that killed this mutant (see above)."""
+    function = _mutated_function()
+    if function is None or not report.failed:
         return
-    took = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: took.get(item.nodeid, float("inf")))
+    # One short append per kill: O_APPEND keeps lines whole between parallel workers.
+    fd = os.open(MUTMUT_KILLS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{function} {report.nodeid}\n".encode())
+    finally:
+        os.close(fd)
 
 
 # `make test` runs the suite once on the text database, then its HTTP part
