@@ -202,9 +202,12 @@ def clean_ip(value: object) -> str | None:
     if not isinstance(value, str) or len(value) > 45:
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    # An IPv6 zone ("fe80::1%eth0") names an interface of the host that saw the
+    # address, and Python accepts any text after the "%": keep the address alone.
+    return str(address).partition("%")[0]
 
 
 def _entry(value: object) -> dict[str, Any] | None:

@@ -91,6 +91,18 @@ def test_change_password_field_rules_and_messages(validate):
     }
 
 
+def test_a_new_password_form_without_a_username_still_judges_the_password(validate):
+    """The handlers name the user (``for_username``); without one, zxcvbn has no name to use."""
+    for form_class, field, data in [
+        (forms.ResetForm, "password", {}),
+        (forms.ChangePasswordForm, "new_password", {"current_password": "anything"}),
+    ]:
+        strong = {**data, field: PASSWORD, "confirm": PASSWORD}
+        assert validate(form_class, strong).errors == {}
+        weak = {**data, field: "1qaz2wsx3edc4rfv", "confirm": "1qaz2wsx3edc4rfv"}
+        assert list(validate(form_class, weak).errors) == [field]
+
+
 def test_reset_form_has_the_same_password_rules(validate):
     def reset(password: str, confirm: str | None = None, username: str = "alice"):
         data = {"password": password, "confirm": confirm or password}
@@ -124,6 +136,15 @@ CONTROL = "Remove line breaks and invisible control characters."
 def test_a_full_name_with_a_control_or_invisible_character_is_refused(validate, character):
     form = validate(forms.AccountForm, {"full_name": "Ada" + character + "Lovelace"})
     assert form.errors == {"full_name": [CONTROL]}
+
+
+def test_a_full_name_with_a_lone_surrogate_is_refused(app):
+    """Werkzeug's form decoding never makes one; no other way in may store one either."""
+    with app.test_request_context(method="POST"):
+        for name in ("Ada \ud800 Lovelace", "\udfff"):
+            form = forms.AccountForm(formdata=None, data={"full_name": name}, meta={"csrf": False})
+            form.validate()
+            assert form.errors == {"full_name": [CONTROL]}
 
 
 @pytest.mark.parametrize("joiner", ["\u200c", "\u200d"])

@@ -138,14 +138,25 @@ def test_the_data_file_keeps_a_short_summary_of_the_user_agent_not_the_header(ap
     assert devices == ["Firefox 128 on Windows"]
 
 
-def test_a_forwarded_address_that_is_not_an_address_is_not_stored(tmp_path):
+@pytest.mark.parametrize(
+    ("forwarded", "kept"),
+    [
+        ("<script>alert(1)</script>", None),
+        # Python reads any text after "%" as an IPv6 zone: only the address is kept.
+        ("fe80::1%<script>Call +1 555 0100", "fe80::1"),
+    ],
+)
+def test_a_forwarded_address_that_is_not_an_address_is_not_stored(tmp_path, forwarded, kept):
     app = make_app(tmp_path, PROXY_HOPS=1)
     AuthActions(app.test_client()).register()
     client = app.test_client()
-    client.environ_base["HTTP_X_FORWARDED_FOR"] = "<script>alert(1)</script>"
+    client.environ_base["HTTP_X_FORWARDED_FOR"] = forwarded
+    AuthActions(client).login("alice", "not the password at all")  # an event for alice
     AuthActions(client).login()
-    assert [s["ip"] for s in record(app)["sessions"].values()] == [None]
-    assert "<script>alert" not in client.get("/security").get_data(as_text=True)
+    assert [s["ip"] for s in record(app)["sessions"].values()] == [kept]
+    assert b"script" not in b"".join(stored_bytes(app).values())
+    page = client.get("/security").get_data(as_text=True)
+    assert "<script>" not in page and "555 0100" not in page
 
 
 def test_account_page_links_to_the_security_page_and_lost_its_logout_others_form(app):

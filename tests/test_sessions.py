@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -10,8 +11,9 @@ import stat
 import time
 
 import pytest
+from flask import Response
 from flask.json.tag import TaggedJSONSerializer
-from itsdangerous import URLSafeTimedSerializer
+from itsdangerous import BadSignature, Serializer, Signer, URLSafeTimedSerializer
 from PIL import Image
 
 from helpers import (
@@ -251,7 +253,20 @@ def test_the_record_keeps_a_digest_of_the_session_id_never_the_id():
     sid = sessions.start(record, 1000, 3600)
     assert list(record["sessions"]) == [hashlib.sha256(sid.encode()).hexdigest()]
     assert sid not in json.dumps(record)
-    assert len(sid) >= 43  # 32 random bytes, base64
+    assert len(base64.urlsafe_b64decode(sid + "=")) == 32  # 256 random bits
+
+
+def test_in_a_request_a_device_address_and_cap_given_are_used_over_the_requests(app):
+    agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+    environ = {"HTTP_USER_AGENT": agent, "REMOTE_ADDR": "203.0.113.9"}
+    record: dict = {}
+    with app.test_request_context(environ_base=environ):
+        for t in (1000, 1001, 1002):
+            sessions.start(record, t, 3600, device="CLI", ip="192.0.2.5", cap=2)
+    assert [(e["t"], e["ua"], e["ip"]) for e in record["sessions"].values()] == [
+        (1001, "CLI", "192.0.2.5"),
+        (1002, "CLI", "192.0.2.5"),
+    ]
 
 
 def test_a_login_in_a_request_records_the_browser_and_the_address(app):
@@ -329,6 +344,50 @@ def test_a_session_stored_as_a_plain_login_time_is_read_and_ended_like_any_other
     assert sessions.check({"sid": sid, "seen": 1000}, record, 1000, 60, 3600) == "ended"
 
 
+def test_a_record_without_a_sessions_mapping_has_no_live_session():
+    """An imported record may lack "sessions" (transfer.py accepts that): nothing is live."""
+    record = {"username": "alice"}
+    sid = sessions.start({}, 1000, 3600)
+    assert sessions.check({"sid": sid, "seen": 1000}, record, 1000, 60, 3600) == "ended"
+    assert not sessions.activity_due(record, sid, 99_999)
+    assert sessions.listing(record, sid, 1000, 3600) == []
+    assert sessions.count(record) == 0
+
+
+def test_an_entry_holding_only_its_login_time_counts_it_as_its_last_activity():
+    """_entry takes any mapping with an integer login time (an imported or hand-made record)."""
+    record, (sid,) = _record_with(1000)
+    (digest,) = record["sessions"]
+    record["sessions"][digest] = {"t": 1000}
+    assert not sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH - 1)
+    assert sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH)
+    (row,) = sessions.listing(record, sid, 1200, 3600)
+    assert (row["started"], row["active"]) == (1000, 1000)
+
+
+@pytest.mark.parametrize(
+    ("sid", "seen"),
+    [("live", None), (None, 1000), (7, 1000), ("live", "1000"), ("live", 1000.0), (None, None)],
+    ids=["no seen", "no sid", "sid not text", "seen text", "seen float", "neither"],
+)
+def test_a_cookie_needs_a_text_id_and_a_whole_seen_time_or_it_is_ended(sid, seen):
+    record, (live,) = _record_with(1000)
+    cookie = {"sid": live if sid == "live" else sid, "seen": seen}
+    assert sessions.check(cookie, record, 1000, 60, 3600) == "ended"
+
+
+def test_a_cookie_for_a_deleted_account_is_ended():
+    _, (sid,) = _record_with(1000)
+    assert sessions.check({"sid": sid, "seen": 1000}, None, 1000, 60, 3600) == "ended"
+
+
+def test_a_session_is_live_at_exactly_the_idle_timeout_and_expired_a_second_later():
+    record, (sid,) = _record_with(1000)
+    cookie = {"sid": sid, "seen": 1100}
+    assert sessions.check(cookie, record, 1160, 60, 3600) == "live"
+    assert sessions.check(cookie, record, 1161, 60, 3600) == "expired"
+
+
 def test_activity_is_due_once_it_is_active_refresh_old():
     record, (sid,) = _record_with(1000)
     assert not sessions.activity_due(record, sid, 1000 + sessions.ACTIVE_REFRESH - 1)
@@ -381,6 +440,10 @@ def test_the_listing_names_an_unknown_device_and_never_shows_activity_before_the
             "Firefox 128 on Windows",
         ),
         ("curl/8.5.0", "curl 8"),
+        ("Wget", "Wget"),  # a browser without a version is named alone
+        # ua-parser's "Other" is its name for "unknown": never shown as a product.
+        ("Other/1.0 CFNetwork/1.0 Darwin/20", "Unknown browser on iOS"),
+        ("HbbTV/1.4.1 (; Other; 2015;)", "HbbTV 1"),
         ("", sessions.UNKNOWN_DEVICE),
         ("   ", sessions.UNKNOWN_DEVICE),
         (None, sessions.UNKNOWN_DEVICE),
@@ -413,6 +476,13 @@ def test_an_agent_with_a_system_but_no_known_browser_is_an_unknown_browser_on_it
         ("203.0.113.7, 10.0.0.1", None),
         ("<script>", None),
         ("1" * 46, None),
+        # The longest text form of an address, 45 characters, is kept (compressed).
+        ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", "ffff:" * 7 + "ffff"),
+        # A zone may hold any text: only the address is kept, and past 45 characters nothing.
+        ("fe80::1%eth0", "fe80::1"),
+        ("fe80::1%<b>Call +1 555 0100", "fe80::1"),
+        ("fe80::1%" + "e" * 37, "fe80::1"),
+        ("fe80::1%" + "e" * 38, None),
         (None, None),
         (12, None),
     ],
@@ -592,6 +662,7 @@ def test_refresh_interval_stays_a_small_part_of_short_idle_timeouts():
     assert sessions.seen_refresh(1800) == 60
     assert sessions.seen_refresh(60) == 2
     assert sessions.seen_refresh(10) == 1  # never 0: an unchanged seen is not re-signed
+    assert sessions.seen_refresh(89) == 2  # whole seconds, rounded down
 
 
 def test_expired_session_cannot_post_forms(short_app):
@@ -630,6 +701,87 @@ def test_cookie_with_a_forged_signature_is_refused(app, logged_in):
     body, _, signature = cookie.rpartition(".")
     flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
     assert not _is_logged_in(_client_with(app, f"{body}.{flipped}"))
+
+
+def test_keys_changed_on_a_running_app_take_effect_at_once(app, logged_in):
+    cookie = _cookie(logged_in)
+    old = app.secret_key
+    app.secret_key = "a-key-this-app-never-had-" + "k" * 32
+    assert not _is_logged_in(_client_with(app, cookie))
+    app.config["SECRET_KEY_FALLBACKS"] = [old]
+    assert _is_logged_in(_client_with(app, cookie))
+
+
+def test_a_warm_app_builds_no_signer_and_derives_no_key_per_request(app, logged_in, monkeypatch):
+    """Flask builds the serializer, and itsdangerous a signer and its key (one more HMAC),
+    on every request; here each is made once per set of keys."""
+    _age_cookie(logged_in, sessions.SEEN_REFRESH)
+    assert _is_logged_in(logged_in)  # read one cookie and signed a new one: all made now
+    made = []
+    derive, make_signer = Signer.derive_key, Serializer.make_signer
+
+    def spy_derive(signer, secret_key=None):
+        if isinstance(signer, sessions._OnceDerivedSigner):
+            made.append("key")
+        return derive(signer, secret_key)
+
+    def spy_make_signer(serializer, salt=None):
+        if isinstance(serializer, sessions.OnceSerializer):
+            made.append("signer")
+        return make_signer(serializer, salt)
+
+    monkeypatch.setattr(Signer, "derive_key", spy_derive)
+    monkeypatch.setattr(Serializer, "make_signer", spy_make_signer)
+    for _ in range(3):
+        _age_cookie(logged_in, sessions.SEEN_REFRESH)  # so each response signs a new cookie
+        assert _is_logged_in(logged_in)
+    assert made == []
+
+
+def test_the_session_serializer_signs_with_the_salt_each_call_names():
+    """It keeps a signer per salt; each call still gets its own salt's, as itsdangerous' does."""
+    once = sessions.OnceSerializer("k" * 32, salt="session")
+    for salt in (None, "other", None, "other"):
+        reference = URLSafeTimedSerializer("k" * 32, salt=salt or "session")
+        assert reference.loads(once.dumps({"n": 1}, salt=salt)) == {"n": 1}
+        assert once.loads(reference.dumps({"n": 2}), salt=salt) == {"n": 2}
+    with pytest.raises(BadSignature):
+        once.loads(once.dumps({"n": 3}, salt="other"))
+
+
+@pytest.mark.parametrize(
+    ("permanent", "refresh", "sent"),
+    [(True, True, True), (True, False, False), (False, True, False)],
+)
+def test_an_unchanged_session_is_sent_again_only_when_flask_would(
+    tmp_path, permanent, refresh, sent
+):
+    """Nothing here makes a session permanent, but the shortcut for unchanged sessions must
+    keep Flask's rule: a permanent one is renewed on each request (SESSION_REFRESH_EACH_REQUEST)."""
+    app = make_app(tmp_path, SESSION_REFRESH_EACH_REQUEST=refresh)
+    interface = app.session_interface
+    with app.test_request_context():
+        unchanged = interface.session_class({"uid": "alice", "_permanent": permanent})
+        response = app.response_class()
+        interface.save_session(app, unchanged, response)
+    assert len(_set_cookie_headers(response)) == (1 if sent else 0)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (None, "Cookie"),
+        ("Cookie", "Cookie"),
+        ("Accept-Encoding", "Accept-Encoding, Cookie"),
+        ("Accept-Encoding, Cookie", "Accept-Encoding, Cookie"),
+    ],
+)
+def test_vary_names_the_cookie_once_and_keeps_what_was_there(before, after):
+    response = Response()
+    if before is not None:
+        response.headers["Vary"] = before
+    sessions.vary_on_cookie(response)
+    assert response.headers.getlist("Vary") == [after]
 
 
 def test_cookie_holds_only_ids_and_timestamps(app, logged_in):
