@@ -179,9 +179,7 @@ def recent(rec: dict[str, Any]) -> list[dict[str, Any]]:
             extra.append(f"({entry['count']} ended)")
         rows.append(
             {
-                "kind": kind,
                 "what": " ".join([label, *extra]),
-                "at": entry.get("t"),
                 "when": when(entry.get("t")),
                 "ip": entry.get("ip"),
                 "failure": kind in FAILURES,

@@ -406,7 +406,7 @@ def login() -> Response:
     record = get_store().get(username) if username else None
     claim = _assertion(state, record, now)
     if claim is None or username is None:
-        g.login_failed = True
+        # No g.login_failed: this route's only limit is per address and counts every request.
         audit.event("login_failure", username, method="passkey")
         flash(REFUSED if state else EXPIRED, "error")
         return redirect(url_for("auth.login"), 303)

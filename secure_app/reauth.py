@@ -74,7 +74,8 @@ def is_fresh(now: int | None = None) -> bool:
 
 def _return_path() -> str:
     """Where to come back after re-authenticating: this page, or the page that held the form."""
-    if request.method == "GET" or "GET" in (request.url_rule.methods or ()):
+    # A GET reaches a view only through a rule that allows GET, so the rule alone decides.
+    if "GET" in (request.url_rule.methods or ()):
         return request.path
     referrer = urlsplit(request.referrer or "")
     if referrer.netloc == request.host:

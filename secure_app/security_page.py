@@ -57,7 +57,6 @@ def overview(user: dict[str, Any]) -> dict[str, Any]:
         "live_sessions": rows,
         "session_count": len(rows),
         "recent_events": events.recent(user),
-        "end_form": EndSessionForm(formdata=None, meta={"csrf": False}),
     }
 
 

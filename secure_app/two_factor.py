@@ -260,7 +260,6 @@ def security() -> str:
     added = int(totp.get("added", 0)) if totp else 0
     return render_template(
         "security/index.html",
-        user=user,
         totp=totp,
         totp_added=time.strftime("%d %B %Y", time.gmtime(added)),
         recovery_left=mfa.recovery_left(user),
