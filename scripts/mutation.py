@@ -12,8 +12,9 @@ from a stale cache. The results are read from mutmut's ``.meta`` file.
 
 Score = (killed + timed out) / (mutants - declared equivalents). A timeout is counted as
 detected, mutmut's own convention: the mutant made the tests run past 5 times their normal
-time (an endless loop; see TIMEOUT_MULTIPLIER), which a real run would notice. "No tests" (the mutated function
-ran in none of the selected tests) and "suspicious" count as not detected.
+time (an endless loop; see TIMEOUT_MULTIPLIER), which a real run would notice. "No tests"
+(the mutated function ran in none of the selected tests) and "suspicious" count as not
+detected.
 
 Declared equivalents live in tests/mutation_equivalents.txt: one mutant name per line, then
 its reason. Only survivors are counted out; a listed mutant that was killed is reported so the
@@ -30,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -274,47 +276,48 @@ def main() -> None:
     ]
     rows, survivors, stale = [], [], []
     started = time.monotonic()
-    servers = contextlib.ExitStack()
-    if not args.report and any(m.startswith(("store", "transfer")) for m in modules):
-        # One PostgreSQL for every pytest run mutmut starts (each would otherwise start its own).
-        sys.path.insert(0, str(ROOT))
-        from tests.servers import Postgres
+    # A TERM (a timeout, a kill) ends the run like Ctrl-C: the server below is stopped either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with contextlib.ExitStack() as servers:
+        if not args.report and any(m.startswith(("store", "transfer")) for m in modules):
+            # One PostgreSQL for every pytest run mutmut starts (else each starts its own).
+            sys.path.insert(0, str(ROOT))
+            from tests.servers import Postgres
 
-        os.environ["SECURE_APP_TEST_POSTGRES"] = str(servers.enter_context(Postgres()))
-    for module in modules:
-        if args.report:
-            elapsed = "-"
-        elif args.recheck:
-            missed = [n for n, st in results(module).items() if st not in ("killed", "timeout")]
-            missed = [n for n in missed if n not in equivalents]
-            elapsed = f"{run_module(module, args.jobs, missed):.0f}s" if missed else "-"
-        else:
-            elapsed = f"{run_module(module, args.jobs):.0f}s"
-        statuses = results(module)
-        rows.append(row(module, statuses, equivalents) + [elapsed])
-        for name, status in sorted(statuses.items(), key=natural):
-            if status in ("killed", "timeout"):
-                if name in equivalents:
-                    stale.append(name)
-            elif not counted_out(status, equivalents.get(name)):
-                survivors.append(f"{name}: {status}")
-        print(f"{module}: {rows[-1][-2]} in {elapsed}", file=sys.stderr, flush=True)
+            os.environ["SECURE_APP_TEST_POSTGRES"] = str(servers.enter_context(Postgres()))
+        for module in modules:
+            if args.report:
+                elapsed = "-"
+            elif args.recheck:
+                missed = [n for n, st in results(module).items() if st not in ("killed", "timeout")]
+                missed = [n for n in missed if n not in equivalents]
+                elapsed = f"{run_module(module, args.jobs, missed):.0f}s" if missed else "-"
+            else:
+                elapsed = f"{run_module(module, args.jobs):.0f}s"
+            statuses = results(module)
+            rows.append(row(module, statuses, equivalents) + [elapsed])
+            for name, status in sorted(statuses.items(), key=natural):
+                if status in ("killed", "timeout"):
+                    if name in equivalents:
+                        stale.append(name)
+                elif not counted_out(status, equivalents.get(name)):
+                    survivors.append(f"{name}: {status}")
+            print(f"{module}: {rows[-1][-2]} in {elapsed}", file=sys.stderr, flush=True)
 
-    print("| " + " | ".join(header + ["time"]) + " |")
-    print("|" + "---|" * (len(header) + 1))
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
-    if not args.report:
-        print(f"\nTotal wall time {time.monotonic() - started:.0f}s with {args.jobs} jobs.")
-    print("survived = survived + no tests + suspicious; timeouts count as detected.")
-    print("score = (killed + timed out) / (mutants - equivalent - import-time).")
-    if survivors:
-        print("\nNot detected (see `cd mutants/<module> && mutmut show NAME`):")
-        print("\n".join("  " + s for s in survivors))
-    if stale:
-        print("\nListed as equivalent but killed (remove from the list):")
-        print("\n".join("  " + s for s in stale))
-    servers.close()
+        print("| " + " | ".join(header + ["time"]) + " |")
+        print("|" + "---|" * (len(header) + 1))
+        for cells in rows:
+            print("| " + " | ".join(cells) + " |")
+        if not args.report:
+            print(f"\nTotal wall time {time.monotonic() - started:.0f}s with {args.jobs} jobs.")
+        print("survived = survived + no tests + suspicious; timeouts count as detected.")
+        print("score = (killed + timed out) / (mutants - equivalent - import-time).")
+        if survivors:
+            print("\nNot detected (see `cd mutants/<module> && mutmut show NAME`):")
+            print("\n".join("  " + s for s in survivors))
+        if stale:
+            print("\nListed as equivalent but killed (remove from the list):")
+            print("\n".join("  " + s for s in stale))
 
 
 if __name__ == "__main__":
