@@ -185,12 +185,20 @@ def run_module(module: str, jobs: int, only: list[str] | None = None) -> float:
     work = WORK / module if only else prepare(module)
     started = time.monotonic()
     log = work / ("mutmut-recheck.log" if only else "mutmut.log")
+    # pytest keeps each session's tmp_path folder under one root and, at every session's end,
+    # looks through that root for old ones to delete. A mutmut worker's session is one mutant,
+    # and a worker that is killed (a timeout) leaves its folder locked, so the shared root grew
+    # by thousands of folders and every worker spent longer looking through it. Each module's
+    # run gets a root of its own, deleted with its working folder.
+    temp_root = work / "tmp"
+    temp_root.mkdir(exist_ok=True)
     with log.open("w") as out:
         done = subprocess.run(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
             cwd=work,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(temp_root)},
         )
     if done.returncode != 0:
         sys.exit(f"mutmut failed for {module} (exit {done.returncode}); see {log}")
