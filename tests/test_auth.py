@@ -336,6 +336,23 @@ def test_a_session_ended_elsewhere_is_told_once_on_the_next_page_not_on_a_file(a
     assert SESSION_ENDED not in phone.get("/second").get_data(as_text=True)
 
 
+def test_a_form_posted_from_a_session_ended_elsewhere_lands_on_the_login_page_told_why(app, auth):
+    phone, laptop = app.test_client(), app.test_client()
+    auth.register()
+    AuthActions(phone).login()
+    AuthActions(laptop).login()
+    token = csrf_token(phone, "/account-details")  # the phone's form, open before the end
+    laptop.post("/logout-others", data={"csrf_token": csrf_token(laptop, "/account-details")})
+    details = {"full_name": "Alice", "email": "", "phone": "", "bio": "", "csrf_token": token}
+    response = phone.post("/account-details", data=details)
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/account-details"
+    page = phone.get(response.headers["Location"]).get_data(as_text=True)
+    assert f'<p class="flash flash-info">{SESSION_ENDED}</p>' in page
+    assert "Logged in as" not in page
+    assert _stored(app, "alice")["full_name"] == ""  # the form did not go through
+
+
 def test_an_expired_session_posting_is_logged_out_without_a_redirect_to_login(tmp_path, clock):
     app = make_app(tmp_path, SESSION_IDLE_TIMEOUT=60)
     client = app.test_client()
