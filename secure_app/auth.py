@@ -65,11 +65,13 @@ def load_logged_in_user() -> Response | None:
             flash(SESSION_EXPIRED, "info")
             if request.method == "GET":
                 return redirect(url_for("auth.login", next=_here()))
-        elif request.method == "GET" and request.endpoint not in NO_ENDED_NOTICE:
+        elif request.endpoint not in NO_ENDED_NOTICE:
             # Ended on the server while this browser still held the cookie: this
             # browser's own logout clears the cookie, so it never lands here.
             # Said on the page the browser asked for; a page that needs a login
-            # sends it to the login page, where the message shows.
+            # sends it to the login page, where the message shows. A form posted
+            # with the ended cookie is told too: its redirect to the login page
+            # would otherwise be a silent logout.
             flash(SESSION_ENDED, "info")
         return None
     g.user = record

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from helpers import OTHER_PASSWORD, PASSWORD, csrf_token, make_app
+from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from secure_app.store import get_store
 
 AUDIT = "secure_app.audit"
 
@@ -203,3 +204,27 @@ def test_refusals_and_ending_other_sessions_are_audited(app, client, auth, audit
         assert line["username"] == "alice"
     # A login form that is not even valid is a failure too, with no username to name.
     assert _events(lines, "login_failure")[-1]["username"] is None
+
+
+def test_a_login_that_lost_a_race_to_a_password_change_is_audited_as_such(
+    app, client, auth, audit_log, monkeypatch
+):
+    """The password was right when checked: audited with the reason, and no failed guess
+    for the owner's sign-in notice. A plain wrong password is audited with no reason."""
+    from test_races import _change_password, _during_first_verify
+
+    auth.register()
+    owner = app.test_client()
+    assert AuthActions(owner).login().status_code == 302
+    auth.login("alice", OTHER_PASSWORD).close()  # a plain failure, written once it has gone
+    changed = _during_first_verify(monkeypatch, lambda: _change_password(owner).status_code)
+    response = auth.login()
+    response.close()
+    assert changed == [302] and response.status_code == 200
+    plain, raced = [line for line in audit_log() if line["event"] == "login_failure"]
+    assert plain["username"] == "alice" and "reason" not in plain
+    assert raced["username"] == "alice"
+    assert raced["reason"] == "password changed during the check"
+    with app.app_context():
+        record = get_store().get("alice")
+    assert [e["k"] for e in record["events"]].count("login_failure") == 1  # the plain one only

@@ -13,7 +13,9 @@ from secure_app import mfa, sessions
 from secure_app.auth import (
     LOGIN_FAILED,
     SESSION_ENDED,
+    SESSION_EXPIRED,
     begin_session_without_password,
+    for_this_session,
     safe_next,
 )
 from secure_app.store import RecordGone, StoreError, get_store
@@ -38,7 +40,9 @@ def test_register_refuses_a_taken_username_case_insensitively(app, client, auth)
     auth.register("alice", PASSWORD)
     response = auth.register("ALICE", OTHER_PASSWORD)
     assert response.status_code == 422
-    assert "This username is taken" in response.get_data(as_text=True)
+    assert (
+        '<p class="error" id="username-error">This username is taken. Please choose another.</p>'
+    ) in response.get_data(as_text=True)
     # The first account is untouched: the second password does not open it.
     assert auth.login("alice", OTHER_PASSWORD).status_code == 200
     assert auth.login("alice", PASSWORD).status_code == 302
@@ -100,6 +104,19 @@ def test_login_without_csrf_token_is_refused(client, auth):
     response = client.post("/login", data={"username": "alice", "password": PASSWORD})
     assert response.status_code == 400
     assert client.get("/account-details").status_code == 302
+
+
+def test_logging_in_again_as_the_same_user_ends_the_previous_session(app, logged_in, auth):
+    """A copy of the cookie from before the second login must not outlive it."""
+    with logged_in.session_transaction() as cookie:
+        before = dict(cookie)
+    assert auth.login().status_code == 302
+    copy = app.test_client()
+    with copy.session_transaction() as cookie:
+        cookie.update(before)
+    assert copy.get("/account-details").status_code == 302
+    assert len(_stored(app, "alice")["sessions"]) == 1
+    assert logged_in.get("/account-details").status_code == 200
 
 
 def test_logout_ends_the_login(logged_in, auth):
@@ -216,6 +233,16 @@ def test_safe_next_refuses_off_site_targets(target):
     assert safe_next(target) is None
 
 
+def test_safe_next_keeps_a_path_of_every_printable_character_and_refuses_the_neighbours():
+    """Printable ASCII is "!" (0x21) to "~" (0x7e); space, DEL and beyond are refused."""
+    printable = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "\\")
+    assert safe_next("/" + printable) == "/" + printable
+    for edge in ("!", "~"):
+        assert safe_next(f"/{edge}x{edge}") == f"/{edge}x{edge}"
+    for outside in (" ", "\x7f", "\x80", "\xa0"):
+        assert safe_next(f"/a{outside}b") is None
+
+
 @pytest.mark.parametrize("raw", ENCODED_NEXT + [t.replace("\t", "%09") for t in OFF_SITE_NEXT])
 def test_login_ignores_off_site_next_and_goes_to_the_account(client, auth, raw):
     """An open redirect after login would hand a phishing page the user's trust."""
@@ -243,7 +270,8 @@ def test_login_form_does_not_carry_an_off_site_next(client, raw):
 def test_register_page_and_success_message(app, client, auth):
     assert client.get("/register").status_code == 200
     auth.register()
-    assert "Your account is ready. Please log in." in client.get("/login").get_data(as_text=True)
+    page = client.get("/login").get_data(as_text=True)
+    assert '<p class="flash flash-success">Your account is ready. Please log in.</p>' in page
 
 
 def test_login_page_is_a_plain_200_and_keeps_a_local_next(client):
@@ -300,8 +328,24 @@ def test_a_refused_deletion_says_so_and_returns_to_the_account(app, logged_in):
     assert response.status_code == 303
     assert response.headers["Location"] == "/account-details"
     page = logged_in.get("/account-details").get_data(as_text=True)
-    assert "Your account was not deleted: the password was not right." in page
+    assert (
+        '<p class="flash flash-error">Your account was not deleted: the password was not right.</p>'
+    ) in page
     assert _stored(app, "alice") is not None
+
+
+def test_a_deletion_says_so_on_the_home_page_and_forgets_the_browser(app, logged_in):
+    response = logged_in.post(
+        "/delete-account",
+        data={"password": PASSWORD, "csrf_token": csrf_token(logged_in, "/account-details")},
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/?notice=account-deleted"
+    assert response.headers["Clear-Site-Data"] == '"cookies", "storage"'
+    page = logged_in.get(response.headers["Location"]).get_data(as_text=True)
+    assert '<p class="flash flash-info">Your account and its data have been deleted.</p>' in page
+    assert "Logged in as" not in page
+    assert _stored(app, "alice") is None
 
 
 def test_logging_out_the_other_sessions_says_so_on_the_security_page(app, logged_in, auth):
@@ -332,8 +376,38 @@ def test_a_session_ended_elsewhere_is_told_once_on_the_next_page_not_on_a_file(a
         assert "_flashes" not in cookie  # a file request carries no notice
     page = phone.get("/second")
     assert page.status_code == 200
-    assert SESSION_ENDED in page.get_data(as_text=True)
+    assert f'<p class="flash flash-info">{SESSION_ENDED}</p>' in page.get_data(as_text=True)
     assert SESSION_ENDED not in phone.get("/second").get_data(as_text=True)
+
+
+def test_a_form_posted_from_a_session_ended_elsewhere_lands_on_the_login_page_told_why(app, auth):
+    phone, laptop = app.test_client(), app.test_client()
+    auth.register()
+    AuthActions(phone).login()
+    AuthActions(laptop).login()
+    token = csrf_token(phone, "/account-details")  # the phone's form, open before the end
+    laptop.post("/logout-others", data={"csrf_token": csrf_token(laptop, "/account-details")})
+    details = {"full_name": "Alice", "email": "", "phone": "", "bio": "", "csrf_token": token}
+    response = phone.post("/account-details", data=details)
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/account-details"
+    page = phone.get(response.headers["Location"]).get_data(as_text=True)
+    assert f'<p class="flash flash-info">{SESSION_ENDED}</p>' in page
+    assert "Logged in as" not in page
+    assert _stored(app, "alice")["full_name"] == ""  # the form did not go through
+
+
+def test_an_expired_session_lands_on_the_login_page_told_so(tmp_path, clock):
+    app = make_app(tmp_path, SESSION_IDLE_TIMEOUT=60)
+    client = app.test_client()
+    AuthActions(client).register()
+    AuthActions(client).login()
+    clock.advance(61)
+    response = client.get("/account-details?tab=1")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login?next=/account-details?tab%3D1"
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert f'<p class="flash flash-info">{SESSION_EXPIRED}</p>' in page
 
 
 def test_an_expired_session_posting_is_logged_out_without_a_redirect_to_login(tmp_path, clock):
@@ -363,6 +437,52 @@ def test_activity_is_written_to_the_record_every_few_minutes_only(clock, app, lo
     logged_in.get("/second")
     assert entry()["s"] == login_time + sessions.ACTIVE_REFRESH
     assert entry()["ip"] == "192.0.2.44"
+
+
+def test_the_cookie_is_signed_again_once_seen_is_exactly_the_refresh_interval_old(
+    clock, app, logged_in
+):
+    refresh = sessions.seen_refresh(app.config["SESSION_IDLE_TIMEOUT"])
+    logged_in.get("/second")  # the page's CSRF value is made: the cookie now stays as it is
+    with logged_in.session_transaction() as cookie:
+        seen = cookie["seen"]
+    clock.advance(refresh - 1)
+    response = logged_in.get("/second")
+    assert response.headers.getlist("Set-Cookie") == []
+    clock.advance(1)
+    response = logged_in.get("/second")
+    assert len(response.headers.getlist("Set-Cookie")) == 1
+    with logged_in.session_transaction() as cookie:
+        assert cookie["seen"] == seen + refresh
+
+
+@pytest.mark.parametrize("uid", [["alice"], {"alice": 1}, 7])
+def test_a_signed_cookie_whose_user_is_not_a_name_is_anonymous_not_a_500(app, logged_in, uid):
+    with logged_in.session_transaction() as cookie:
+        cookie["uid"] = uid
+    response = logged_in.get("/second")
+    assert response.status_code == 200
+    assert "Logged in as" not in response.get_data(as_text=True)
+    assert logged_in.get("/account-details").status_code == 302
+
+
+def test_a_write_for_this_session_applies_only_while_it_is_live_in_the_record(app, logged_in):
+    """for_this_session: the change while the session is live; RecordGone once it was ended."""
+    with logged_in.session_transaction() as cookie:
+        live = dict(cookie)
+    record = _stored(app, "alice")
+    ended = {**record, "sessions": {}}
+    with app.test_request_context():
+        session.update(live)
+        assert for_this_session()(dict(record)) is None  # no change: only the check
+        changed = dict(record)
+        for_this_session(lambda r: r.update(bio="written"))(changed)
+        assert changed["bio"] == "written"
+        untouched = dict(ended)
+        with pytest.raises(RecordGone) as gone:
+            for_this_session(lambda r: r.update(bio="late"))(untouched)
+        assert gone.value.args == ("alice",)  # names the account, as the store's own does
+        assert untouched == ended
 
 
 def test_a_failed_activity_write_does_not_fail_the_page(clock, app, logged_in, monkeypatch):
@@ -463,7 +583,7 @@ def test_the_next_sign_in_tells_of_a_failed_attempt_once(app, client, auth):
     response = AuthActions(failed).login("alice", OTHER_PASSWORD)
     response.close()  # the failure is written once the response has gone
     page = client.get(auth.login().headers["Location"]).get_data(as_text=True)
-    assert "1 failed sign-in attempt since your last visit" in page
+    assert '<p class="flash flash-info">1 failed sign-in attempt since your last visit' in page
     other = app.test_client()
     page = other.get(AuthActions(other).login().headers["Location"]).get_data(as_text=True)
     assert "failed sign-in" not in page

@@ -256,6 +256,39 @@ def test_delete_is_refused_if_the_password_changed_during_its_check(tmp_path, mo
     assert _logged_in(owner)
 
 
+def test_delete_is_refused_if_a_login_elsewhere_rehashed_the_password_during_its_check(
+    tmp_path, monkeypatch
+):
+    """The deletion is a compare-and-set on the hash it checked, even when no session ended.
+
+    A login under a raised Argon2 cost stores a new hash of the same password and ends
+    no session, so only that compare-and-set notices; asked again, the user can delete.
+    """
+    old_app = make_app(tmp_path)
+    AuthActions(old_app.test_client()).register()
+    client = _login(old_app)
+    assert _upload(client).status_code == 303
+    app = make_app(tmp_path, ARGON2_TIME_COST=2)  # the same data, a higher cost: a rehash is due
+    before = _record(app)["password_hash"]
+
+    def login_elsewhere():
+        _login(app)
+        return _record(app)
+
+    rehashed = _during_first_verify(monkeypatch, login_elsewhere)
+
+    response = _post(client, "/delete-account", {"password": PASSWORD})
+
+    assert rehashed[0]["password_hash"] != before  # the other login stored its new hash
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/account-details"
+    assert _record(app) == rehashed[0]  # not deleted, nothing written
+    assert len(_photos(app)) == 1
+    assert _logged_in(client)
+    assert _post(client, "/delete-account", {"password": PASSWORD}).status_code == 302
+    assert _record(app) is None
+
+
 # -- finding 5: deletion races ------------------------------------------------------------
 
 
@@ -352,6 +385,36 @@ def test_a_login_to_an_account_deleted_meanwhile_fails_without_a_500(tmp_path, m
     assert LOGIN_FAILED in response.get_data(as_text=True)
     assert not _logged_in(attacker)
     assert _record(app) is None
+
+
+def test_a_login_over_the_session_of_an_account_deleted_meanwhile_still_logs_in(
+    tmp_path, monkeypatch
+):
+    """This browser was bob's; bob is deleted elsewhere while it logs in as alice."""
+    app = make_app(tmp_path)
+    AuthActions(app.test_client()).register()
+    bob = AuthActions(app.test_client())
+    assert bob.register("bob", OTHER_PASSWORD).status_code == 302
+    client = _login(app, "bob", OTHER_PASSWORD)
+    elsewhere = _login(app, "bob", OTHER_PASSWORD)
+    token = csrf_token(elsewhere, "/account-details")
+
+    def delete_bob() -> int:
+        data = {"password": OTHER_PASSWORD, "csrf_token": token}
+        return elsewhere.post("/delete-account", data=data).status_code
+
+    login_token = csrf_token(client, "/login")
+    deleted = _during_first_verify(monkeypatch, delete_bob)
+
+    response = client.post(
+        "/login", data={"username": "alice", "password": PASSWORD, "csrf_token": login_token}
+    )
+
+    assert deleted == [302]
+    assert _record(app, "bob") is None
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/account-details"
+    assert 'class="username">alice<' in client.get("/account-details").get_data(as_text=True)
 
 
 @pytest.mark.parametrize("name", VANISHING)
