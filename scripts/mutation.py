@@ -120,7 +120,12 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "security_page": ("secure_app/security_page.py", ["tests/test_security_page.py"]),
     "account": (
         "secure_app/account.py",
-        ["tests/test_account.py", "tests/test_account_email.py"],
+        [
+            "tests/test_account.py",
+            "tests/test_account_email.py",
+            # What the page writes to the audit trail for a refused or a busy photo.
+            "tests/test_audit.py::test_a_refused_and_a_busy_photo_are_audited_with_the_user_and_the_reason",
+        ],
     ),
 }
 

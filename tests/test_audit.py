@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from test_uploads import PLACES
 
+import images
 from helpers import OTHER_PASSWORD, PASSWORD, AuthActions, csrf_token, make_app
+from secure_app import uploads
 from secure_app.store import get_store
 
 AUDIT = "secure_app.audit"
@@ -228,3 +231,29 @@ def test_a_login_that_lost_a_race_to_a_password_change_is_audited_as_such(
     with app.app_context():
         record = get_store().get("alice")
     assert [e["k"] for e in record["events"]].count("login_failure") == 1  # the plain one only
+
+
+def test_a_refused_and_a_busy_photo_are_audited_with_the_user_and_the_reason(
+    app, logged_in, audit_log
+):
+    def send_photo(body: bytes):
+        token = csrf_token(logged_in, "/account-details")
+        return logged_in.post(
+            "/account-details",
+            data={"photo": (io.BytesIO(body), "me.png"), "csrf_token": token},
+            content_type="multipart/form-data",
+        )
+
+    assert send_photo(b"not an image at all").status_code == 422
+    (refused,) = _events(audit_log(), "upload_refused")
+    unreadable = "This file is not a JPEG, PNG or WebP image that can be read completely."
+    assert (refused["username"], refused["reason"]) == ("alice", unreadable)
+    for _ in range(PLACES):  # every decode place held, as by uploads still decoding
+        assert uploads._admitted.acquire(timeout=10)
+    try:
+        assert send_photo(images.png()).status_code == 503
+    finally:
+        for _ in range(PLACES):
+            uploads._admitted.release()
+    (busy,) = _events(audit_log(), "upload_busy")
+    assert busy["username"] == "alice" and busy["path"] == "/account-details"

@@ -358,9 +358,43 @@ def test_qr_code_is_black_on_white_with_its_class_and_title() -> None:
     assert "<title>QR code for your app</title>" in svg
     assert 'stroke="#000"' in svg and 'fill="#fff"' in svg
     assert svg.count('role="img"') == 1
-    # No stylesheet sizes it: the module scale makes it big enough to scan from a screen.
+    # No stylesheet sizes it: the module scale makes it big enough to scan from a screen,
+    # and small enough to fit its card on a 320 px phone (less 2 x 1rem page and card
+    # padding and the card's borders: 254 px) for a short account name.
     width = int(re.search(r'width="(\d+)"', svg).group(1))
-    assert width >= 200
+    assert 200 <= width <= 254
+
+
+def _dark_modules(svg: str) -> set[tuple[int, int]]:
+    """The dark modules of segno's SVG path, as (row, column) from the code's top-left corner."""
+    (path,) = re.findall(r'<path[^>]*stroke="#000"[^>]*d="([^"]+)"', svg)
+    x = y = 0.0
+    dark = set()
+    for op, a, b in re.findall(r"([Mmh])(-?[\d.]+)(?: (-?[\d.]+))?", path):
+        if op == "M":
+            x, y = float(a), float(b)
+        elif op == "m":
+            x, y = x + float(a), y + float(b)
+        else:  # a run of dark modules along the row
+            dark.update((int(y), int(x) + i) for i in range(int(a)))
+            x += float(a)
+    top, left = min(r for r, _ in dark), min(c for _, c in dark)
+    return {(r - top, c - left) for r, c in dark}
+
+
+def test_qr_code_carries_error_correction_level_m_or_higher() -> None:
+    # Level M restores 15% of the modules: a phone reads the code off a smudged or glaring screen.
+    dark = _dark_modules(str(mfa.qr_svg(mfa.provisioning_uri(SECRET, "alice"))))
+    # The format information beside the top-left finder (ISO/IEC 18004 7.9), bit 0 first.
+    places = [(i, 8) for i in range(6)] + [(7, 8), (8, 8), (8, 7)]
+    places += [(8, 14 - i) for i in range(9, 15)]
+    bits = sum(((row, col) in dark) << i for i, (row, col) in enumerate(places)) ^ 0x5412
+    data, check = bits >> 10, bits & 0x3FF
+    remainder = data
+    for _ in range(10):
+        remainder = (remainder << 1) ^ ((remainder >> 9) * 0x537)
+    assert check == remainder  # a valid BCH code word: these are the format modules
+    assert "MLHQ"[data >> 3] in "MQH"
 
 
 @pytest.mark.parametrize(
@@ -556,6 +590,30 @@ def test_the_key_folder_is_created_private(tmp_path, monkeypatch) -> None:
     with app.app_context():
         mfa.encrypt_secret("alice", SECRET)
     assert (tmp_path / "fresh" / "instance").stat().st_mode & 0o777 == 0o700
+
+
+def test_an_account_deleted_during_rotation_does_not_stop_the_others_moving(
+    ctx, tmp_path, monkeypatch
+) -> None:
+    from cryptography.fernet import Fernet
+
+    _store_totp_user("alice")
+    _store_totp_user("bob")
+    store = get_store()
+    real_get, reads = store.get, []
+
+    def read_then_deleted(key: str):
+        record = real_get(key)
+        reads.append(key)
+        if reads.count("alice") == 2:  # the pass under the new key is about to move her
+            store.delete("alice")  # alice deletes her account at that moment
+        return record
+
+    monkeypatch.setattr(store, "get", read_then_deleted)
+    assert mfa.rotate_key() == (1, [])
+    current = json.loads((tmp_path / "instance" / mfa.KEY_FILE).read_text())["current"]
+    assert Fernet(current).decrypt(real_get("bob")["totp"]["secret"]).decode().endswith(SECRET)
+    assert real_get("alice") is None
 
 
 def test_rotate_key_moves_every_secret_past_users_without_a_factor(ctx) -> None:
