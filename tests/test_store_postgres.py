@@ -6,7 +6,9 @@ machine, processes and faults files), run on both.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -196,6 +198,47 @@ def test_a_remote_database_without_verify_full_is_warned_about(url, caplog):
     remote = "postgresql://app:pw@127.0.0.2:1/secure_app?sslmode=prefer"
     PostgresStore(remote, timeout=0.2).close()
     assert "without sslmode=verify-full" in caplog.text and "pw@" not in caplog.text
+
+
+PLAIN_TEXT_WARNING = (
+    "FLASK_DATABASE_URL reaches {} without sslmode=verify-full: the connection may be "
+    'unencrypted or its server unverified (SECURITY.md, "The database")'
+)
+
+
+# Every port is 1, closed: each store fails to connect at once. 127.0.0.2 stands for a remote
+# host (loopback all the same, so nothing leaves the machine) as it is not one of the usual names.
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("postgresql://app:pw@/db?port=1", None),  # no host: libpq's default socket
+        ("postgresql://app:pw@/db?host=/tmp/no-such-socket-dir&port=1", None),
+        ("postgresql://app:pw@localhost:1/db", None),
+        ("postgresql://app:pw@127.0.0.1:1/db", None),
+        ("postgresql://app:pw@[::1]:1/db", None),
+        ("postgresql://app:pw@localhost:1,[::1]:1/db", None),
+        ("postgresql://app:pw@/db?hostaddr=127.0.0.1&port=1", None),
+        ("postgresql://app:pw@127.0.0.2:1/db?sslmode=verify-full", None),
+        ("postgresql://app:pw@127.0.0.2:1/db?sslmode=verify-ca", None),
+        ("postgresql://app:pw@127.0.0.2:1/db", "127.0.0.2"),  # libpq's default, prefer
+        ("postgresql://app:pw@127.0.0.2:1/db?sslmode=require", "127.0.0.2"),
+        ("postgresql://app:pw@localhost:1,127.0.0.2:1/db", "127.0.0.2"),
+        ("postgresql://app:pw@127.0.0.2:1,127.0.0.3:1/db", "127.0.0.2,127.0.0.3"),
+        ("postgresql://app:pw@/db?hostaddr=127.0.0.2&port=1", "127.0.0.2"),
+        # libpq connects to hostaddr; host then only names the server (for TLS, the pgpass file)
+        ("postgresql://app:pw@localhost:1/db?hostaddr=127.0.0.2", "127.0.0.2"),
+    ],
+)
+def test_plain_text_is_warned_about_for_every_host_that_is_not_this_machine(url, warned, caplog):
+    started = time.monotonic()
+    PostgresStore(url, timeout=0.1).close()
+    assert time.monotonic() - started < 2  # start-up waits DATABASE_TIMEOUT for it, no more
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "secure_app.store.postgres" and r.levelno == logging.WARNING
+    ]
+    assert warnings == ([] if warned is None else [PLAIN_TEXT_WARNING.format(warned)])
 
 
 def test_find_is_exact_and_one_users_nul_bio_breaks_no_one_elses_lookup(url):
