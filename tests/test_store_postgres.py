@@ -95,6 +95,39 @@ def test_hosts_starting_at_once_on_an_empty_database_create_one_schema(url, capl
         store.close()
 
 
+def test_a_host_that_waited_for_another_hosts_upgrade_finds_it_done_and_runs_nothing(url, caplog):
+    """Two hosts read the old version, then queue for the upgrade's lock: whoever comes second
+    reads the version again and finds nothing left to do."""
+    name = url.rsplit("%3D", 1)[1]  # the test's schema: finds these two stores' sessions
+    stores: list[PostgresStore] = []
+    with psycopg.connect(url, autocommit=True) as upgrading:  # as another host would hold it
+        upgrading.execute("SELECT pg_advisory_lock(%s)", (postgres._MIGRATION_LOCK,))
+        hosts = [
+            threading.Thread(
+                target=lambda: stores.append(PostgresStore(f"{url}&application_name={name}"))
+            )
+            for _ in range(2)
+        ]
+        for host in hosts:
+            host.start()
+        queued = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + 5
+        while upgrading.execute(queued, (name,)).fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "the hosts never queued for the lock"
+            time.sleep(0.01)
+        upgrading.execute("SELECT pg_advisory_unlock(%s)", (postgres._MIGRATION_LOCK,))
+    for host in hosts:
+        host.join()
+    assert "cannot be used at start-up" not in caplog.text
+    assert tables(url) == [("photos",), ("secure_app_schema",), ("users",), (len(MIGRATIONS),)]
+    for store in stores:
+        assert store.keys() == []
+        store.close()
+
+
 def test_a_schema_newer_than_the_code_is_refused_at_start_while_running_hosts_serve_on(url):
     """A rolling upgrade: one host of the new release upgrades the schema (README, SECURITY.md);
     hosts still on this code, checked at their start, serve until they are replaced."""
