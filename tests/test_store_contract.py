@@ -64,10 +64,12 @@ def test_postgres_finds_no_key_it_cannot_hold_and_refuses_to_create_one(
     before = database_rows(url)
     assert store.get(key) is None and key not in store
     assert store.delete(key) is False
-    with pytest.raises(RecordGone):
+    with pytest.raises(RecordGone) as gone:
         store.update(key, lambda r: None)
-    with pytest.raises(ValueError, match="cannot store this key"):
+    assert gone.value.args == (key,)  # as for any missing key
+    with pytest.raises(ValueError) as refused:
         store.create(key, user("x"))
+    assert str(refused.value) == "PostgreSQL cannot store this key (NUL or a lone surrogate)"
     assert database_rows(url) == before
     store.close()
 
@@ -122,6 +124,13 @@ def test_returned_records_are_copies_not_the_stored_state(store):
     saved = store.update("alice", lambda r: None)
     saved["bio"] = "mutated too"
     assert store.get("alice")["bio"] == "safe"
+
+
+def test_a_closed_store_may_be_closed_again_and_opens_again_when_used(store):
+    store.create("alice", user("alice"))
+    store.close()
+    store.close()  # twice is no error: an app's teardown and a command may both close it
+    assert store.get("alice")["username"] == "alice"
 
 
 def test_items_lists_every_record_once_as_a_fresh_copy(store):
@@ -232,12 +241,15 @@ def test_store_used_across_a_fork_keeps_excluding_the_parent(backend):
 
 
 def test_find_matches_a_value_however_the_record_had_to_be_written(store):
-    """A record with a lone surrogate anywhere is written all escaped; find must see it too."""
+    """A record with a lone surrogate anywhere (the value sought too) is written all escaped;
+    find must see it too."""
     store.create("readable", {"webauthn_user": "hé-1", "bio": "plain"})
     store.create("escaped", {"webauthn_user": "hé-2", "bio": "lone \ud800"})
     store.create("lookalike", {"note": '"webauthn_user":"hé-1"', "webauthn_user": "x"})
+    store.create("in the value", {"webauthn_user": "hé \udc00"})
     assert store.find("webauthn_user", "hé-1") == ["readable"]
     assert store.find("webauthn_user", "hé-2") == ["escaped"]
+    assert store.find("webauthn_user", "hé \udc00") == ["in the value"]
     assert store.find("webauthn_user", "hé") == []
 
 

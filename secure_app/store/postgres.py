@@ -79,15 +79,17 @@ def check_url(url: str) -> dict[str, str]:
 
 
 def _warn_if_plain_text(params: dict[str, str]) -> None:
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    local = all(
-        h.startswith("/") or h in ("localhost", "127.0.0.1", "::1") for h in host.split(",")
-    )
-    if not local and params.get("sslmode") not in ("verify-full", "verify-ca"):
+    # libpq connects to hostaddr where one is given (host then only names the server, for TLS
+    # and the password file), so both must name this machine. Neither: this machine's socket.
+    names = [h for key in ("host", "hostaddr") for h in params.get(key, "").split(",") if h]
+    remote = [
+        h for h in names if not h.startswith("/") and h not in ("localhost", "127.0.0.1", "::1")
+    ]
+    if remote and params.get("sslmode") not in ("verify-full", "verify-ca"):
         log.warning(
             "FLASK_DATABASE_URL reaches %s without sslmode=verify-full: the connection may be "
             'unencrypted or its server unverified (SECURITY.md, "The database")',
-            host,
+            ",".join(remote),
         )
 
 
