@@ -170,9 +170,25 @@ timeout_multiplier = {TIMEOUT_MULTIPLIER}
 """
 
 
+def unmount_leftovers(folder: Path) -> None:
+    """Unmount what a killed worker left mounted under ``folder``.
+
+    The full-disk tests (tests/test_store_faults.py) mount a tiny tmpfs as their data folder
+    and unmount it when done; a worker killed by a timeout in the middle never does.
+    """
+    mounts = Path("/proc/self/mounts")
+    if not mounts.exists():
+        return
+    inside = str(folder.resolve()) + os.sep
+    points = [line.split()[1] for line in mounts.read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(inside)), reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
 def prepare(module: str) -> Path:
     """A fresh working folder for one module's run."""
     work = WORK / module
+    unmount_leftovers(work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for name in LINKED:
@@ -207,6 +223,7 @@ def run_module(module: str, jobs: int, only: list[str] | None = None) -> float:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(temp_root)},
         )
+    unmount_leftovers(work)
     if done.returncode != 0:
         sys.exit(f"mutmut failed for {module} (exit {done.returncode}); see {log}")
     return time.monotonic() - started
