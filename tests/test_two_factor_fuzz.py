@@ -28,7 +28,7 @@ from test_two_factor import (
 )
 from test_two_factor import record as get_record
 
-from helpers import START, AuthActions, Clock, csrf_token, stored_bytes
+from helpers import START, AuthActions, Clock, close_apps, csrf_token, stored_bytes
 from secure_app import mfa
 from secure_app.store import get_store
 
@@ -114,6 +114,7 @@ def fresh(tmp_path, monkeypatch, clock):
     """Return a function that builds a new site with alice enrolled, for one example."""
 
     def build():
+        close_apps()  # the last example's app: one connection pool open at a time, not 40
         clock.now = float(START)
         app = two_factor_app(Path(tempfile.mkdtemp(dir=tmp_path)), monkeypatch)
         client = app.test_client()
