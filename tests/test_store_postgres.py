@@ -210,7 +210,7 @@ def test_every_connection_notices_a_vanished_server_within_seconds(url):
 
 def test_pooled_connections_the_server_ended_are_replaced_and_the_request_served(url):
     """After a server restart or a cut every pooled connection is dead: a request drops them all
-    and gets a new one, without an error and without waiting for the pool's own checks."""
+    and gets a new one, without an error (how soon, against a real restart: test_store_faults)."""
     store = PostgresStore(url, pool_size=3, timeout=2)
     store.create("alice", new_user("alice", "$argon2id$h"))
     with store._connection() as a, store._connection() as b, store._connection() as c:
@@ -220,9 +220,7 @@ def test_pooled_connections_the_server_ended_are_replaced_and_the_request_served
             "SELECT pg_terminate_backend(pid, 5000) FROM unnest(%s::int[]) AS pid", (pids,)
         ).fetchall()
     assert ended == [(True,)] * 3
-    started = time.monotonic()
     assert store.get("alice")["username"] == "alice"
-    assert time.monotonic() - started < 1
     store.close()
 
 
@@ -232,7 +230,7 @@ class Interrupted(BaseException):
 
 def test_an_interrupt_while_a_connection_is_checked_gives_it_back_to_the_pool(url, monkeypatch):
     """A connection kept out of the pool for good would leave one fewer for every request."""
-    store = PostgresStore(url, pool_size=1, timeout=0.5)
+    store = PostgresStore(url, pool_size=1, timeout=3)
     execute = psycopg.Connection.execute
 
     def interrupted(conn, query, *args, **kwargs):
@@ -252,11 +250,16 @@ def test_a_database_that_refused_the_store_serves_its_next_request_once_it_accep
     """No waiting out the pool's back-off (1, 2, 4... s): a failed reconnection gives up after
     DATABASE_TIMEOUT, so the next request tries afresh. The password file stands for a server
     that refuses, then accepts (libpq reads it at each attempt)."""
+    PostgresStore(url).close()  # the schema, made first: no start-up waits on the upgrade lock
     passfile = tmp_path / "pgpass"
     passfile.write_text("")
     passfile.chmod(0o600)
     refused = url.replace(f":{Postgres.PASSWORD}@", "@") + f"&passfile={quote(str(passfile))}"
     store = PostgresStore(refused, pool_size=1, timeout=0.2)
+    deadline = time.monotonic() + 3
+    while store._pool.get_stats()["pool_size"]:  # a connection still being tried
+        assert time.monotonic() < deadline, "the pool kept retrying long past DATABASE_TIMEOUT"
+        time.sleep(0.01)
     passfile.write_text(f"*:*:*:*:{Postgres.PASSWORD}\n")
     assert store.get("alice") is None
     store.close()
@@ -284,14 +287,14 @@ def test_a_database_down_at_start_up_is_logged_and_each_request_waits_only_the_t
 
 
 def test_a_request_waiting_inside_a_transaction_holds_up_no_other_request(url):
-    store = PostgresStore(url, timeout=1)
+    store = PostgresStore(url, timeout=3)
     store.create("alice", new_user("alice", "$argon2id$h"))
     store.create("bob", new_user("bob", "$argon2id$h"))
     inside, release = threading.Event(), threading.Event()
 
     def slow(record: dict) -> None:
         inside.set()
-        release.wait(5)
+        release.wait(10)
 
     writer = threading.Thread(target=store.update, args=("alice", slow))
     writer.start()
