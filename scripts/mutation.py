@@ -323,7 +323,9 @@ def main() -> None:
             sys.path.insert(0, str(ROOT))
             from tests.servers import Postgres
 
-            os.environ["SECURE_APP_TEST_POSTGRES"] = str(servers.enter_context(Postgres()))
+            server = servers.enter_context(Postgres())
+            server.add_workers(args.jobs)  # one role per worker: a runaway mutant starves no other
+            os.environ["SECURE_APP_TEST_POSTGRES"] = str(server)
         for module in modules:
             if args.report:
                 elapsed = "-"

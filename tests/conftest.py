@@ -98,7 +98,9 @@ def postgres_server():
     """
     require_postgres()
     if os.environ.get("SECURE_APP_TEST_POSTGRES"):  # one started by scripts/mutation.py
-        yield Postgres.attached(os.environ["SECURE_APP_TEST_POSTGRES"])
+        server = Postgres.attached(os.environ["SECURE_APP_TEST_POSTGRES"])
+        yield server
+        server.release()
         return
     with Postgres() as server:
         yield server

@@ -6,6 +6,7 @@ Both bind to 127.0.0.1 on a free port and are stopped by whoever started them
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -197,6 +198,8 @@ class Postgres:
         self.bin = postgres_bin()
         self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         self.owned = True
+        self.user = "secure_app"
+        self._claim: int | None = None  # the locked file of a worker role (see add_workers)
 
     @classmethod
     def attached(cls, address: str) -> Postgres:
@@ -205,7 +208,54 @@ class Postgres:
         server = cls()
         port, folder = address.split(":", 1)
         server.port, server.tmp, server.owned = int(port), Path(folder), False
+        server._claim_a_worker_role()
         return server
+
+    # PostgreSQL's default max_connections (100) less some for the superuser and the
+    # roles a test makes of its own.
+    WORKER_CONNECTIONS = 90
+
+    def add_workers(self, count: int) -> None:
+        """Make ``count`` login roles that share ``secure_app``'s rights, each limited to its
+        share of the connection slots, for the pytest runs that attach to this server at once.
+
+        One mutant can open connections without bound (a new pool per request): on a shared
+        role it took every slot for seconds, and the other worker's mutants failed at once
+        with "remaining connection slots are reserved", killed by the environment, not by a
+        test. Each attached run claims a free role (``attached``), so one worker's runaway
+        mutant exhausts its own share only.
+        """
+        assert self.tmp is not None
+        limit = self.WORKER_CONNECTIONS // count
+        for i in range(count):
+            self.admin(
+                f"CREATE ROLE secure_app_w{i} LOGIN PASSWORD '{self.PASSWORD}' "
+                f"IN ROLE secure_app CONNECTION LIMIT {limit}"
+            )
+            (self.tmp / f"worker-{i}.lock").touch()
+
+    def _claim_a_worker_role(self) -> None:
+        """Connect as the first worker role no other attached run holds, if there are any.
+
+        The claim is a lock on the role's file, held until ``release`` or the process's
+        end (a worker killed by a timeout frees its role with it).
+        """
+        assert self.tmp is not None
+        for lock in sorted(self.tmp.glob("worker-*.lock")):
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._claim, self.user = fd, "secure_app_w" + lock.stem.partition("-")[2]
+            return
+
+    def release(self) -> None:
+        """Give back the worker role this run claimed, if any."""
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim, self.user = None, "secure_app"
 
     def __str__(self) -> str:
         return f"{self.port}:{self.tmp}"
@@ -269,7 +319,7 @@ class Postgres:
             )  # fmt: skip
 
     def url(self, database: str = "secure_app") -> str:
-        return f"postgresql://secure_app:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{self.user}:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
 
     def __exit__(self, *exc: object) -> None:
         if self.tmp is None or not self.owned:

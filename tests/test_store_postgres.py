@@ -158,7 +158,8 @@ def test_the_site_runs_as_a_role_that_may_read_and_write_rows_and_nothing_more(
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.users, {schema}.photos TO {role}",
         database="secure_app",
     )
-    web_url = owner_url.replace("secure_app:test-only-password", f"{role}:web-only-password")
+    owner = f"{postgres_server.user}:{Postgres.PASSWORD}@"
+    web_url = owner_url.replace(owner, f"{role}:web-only-password@")
     app = make_app(tmp_path, DATABASE_URL=web_url)
     client = app.test_client()
     auth = AuthActions(client)
