@@ -45,6 +45,8 @@ from flask_mailman import EmailMessage, Mail
 from flask_mailman.backends.base import BaseEmailBackend
 from flask_mailman.backends.smtp import EmailBackend as MailmanSMTPBackend
 
+from .sessions import clean_ip
+
 log = logging.getLogger(__name__)
 
 EXTENSION = "secure_app.mail"
@@ -197,7 +199,9 @@ def notify(record: dict[str, Any], what: str, ip: str | None = None, detail: str
     if not isinstance(address, str) or not address or what not in NOTICES:
         return
     if ip is None and has_request_context():
-        ip = request.remote_addr
+        # A forwarded header may carry any text, and this line goes into a mail
+        # the owner trusts: only a real address is shown.
+        ip = clean_ip(request.remote_addr)
     send(
         message(
             address,

@@ -141,8 +141,15 @@ def qr_svg(uri: str) -> Markup:
     segno writes colours as SVG presentation attributes (``fill``,
     ``stroke``), which a ``style-src 'self'`` policy does not block.
     """
+    # A viewBox instead of a fixed size: site.css scales the code to its card,
+    # which the longest username's (265 px) would overflow on a 320 px phone.
     svg = segno.make(uri, error="m").svg_inline(
-        scale=5, dark="#000", light="#fff", svgclass="totp-qr", title="QR code for your app"
+        scale=5,
+        dark="#000",
+        light="#fff",
+        svgclass="totp-qr",
+        title="QR code for your app",
+        omitsize=True,
     )
     return Markup(svg.replace("<svg ", '<svg role="img" ', 1))
 

@@ -98,8 +98,11 @@ def needs_rehash(stored_hash: str) -> bool:
     return _ext()["hasher"].check_needs_rehash(stored_hash)
 
 
-def policy_problem(password: str, username: str = "") -> str | None:
-    """Return why ``password`` is not acceptable, or None. No composition rules."""
+def policy_problem(password: str, username: str) -> str | None:
+    """Return why ``password`` is not acceptable for ``username`` ("" before one is known), or None.
+
+    No composition rules.
+    """
     if len(password) < MIN_LENGTH:
         return (
             f"Use at least {MIN_LENGTH} characters. "

@@ -89,6 +89,26 @@ def test_a_password_change_is_notified_to_the_verified_address(app, client):
     assert "127.0.0.1" in body(notice)
 
 
+@pytest.mark.parametrize(
+    ("forwarded", "shown"),
+    [("203.0.113.9", "203.0.113.9"), ("fe80::1%Call +1 555 0100", "fe80::1"), ("<b>", "unknown")],
+)
+def test_a_notice_shows_only_a_real_address_from_a_forwarded_header(
+    tmp_path, monkeypatch, clock, forwarded, shown
+):
+    """The header is the client's to write: a notice must not carry its text to the owner."""
+    app = two_factor_app(tmp_path, monkeypatch, PROXY_HOPS=1)
+    client = app.test_client()
+    logged_in(client)
+    save(client, "alice@example.org")
+    confirm(client, link_of([m for m in outbox(app) if m["To"] == "alice@example.org"][-1]))
+    client.environ_base["HTTP_X_FORWARDED_FOR"] = forwarded
+    assert AuthActions(client).change_password().status_code == 302
+    notice = body([m for m in outbox(app) if m["To"] == "alice@example.org"][-1])
+    assert f"From IP address: {shown}" in notice.splitlines()
+    assert "555" not in notice and "<b>" not in notice
+
+
 def test_factor_changes_and_an_operator_reset_are_notified(app, client, clock):
     from test_two_factor import enrol
 

@@ -97,7 +97,7 @@ def test_common_passwords_are_refused_with_a_helpful_message(app, client, passwo
 
 def test_password_built_from_the_username_is_refused(app, client):
     # Strong on its own (zxcvbn scores it 4); guessable to anyone who knows the name.
-    assert passwords.policy_problem("marmaladeskies2024") is None
+    assert passwords.policy_problem("marmaladeskies2024", "") is None
     response = _register(client, "marmaladeskies", "marmaladeskies2024")
     assert response.status_code == 422
     assert _stored(app, "marmaladeskies") is None
@@ -217,22 +217,22 @@ def test_a_password_zxcvbn_scores_exactly_3_is_accepted():
 
     password = "zebra zebra zebra zebra"
     assert zxcvbn(password, user_inputs=passwords.SITE_WORDS)["score"] == passwords.MIN_SCORE
-    assert passwords.policy_problem(password) is None
+    assert passwords.policy_problem(password, "") is None
     assert passwords.policy_problem(password, "alice") is None
 
 
 def test_refusals_say_what_to_do():
-    assert passwords.policy_problem("x" * 14) == (
+    assert passwords.policy_problem("x" * 14, "") == (
         "Use at least 15 characters. "
         "Several unrelated words make a strong passphrase that is easy to remember."
     )
-    assert passwords.policy_problem("x" * 129) == "Use at most 128 characters."
+    assert passwords.policy_problem("x" * 129, "") == "Use at most 128 characters."
     # zxcvbn's warning when it has one...
-    assert passwords.policy_problem("1qaz2wsx3edc4rfv") == (
+    assert passwords.policy_problem("1qaz2wsx3edc4rfv", "") == (
         "This password is too easy to guess. This is a very common password."
     )
     # ...else its suggestions, joined.
-    assert passwords.policy_problem("HELLOWORLD12345") == (
+    assert passwords.policy_problem("HELLOWORLD12345", "") == (
         "This password is too easy to guess. Add another word or two. Uncommon words are better. "
         "All-uppercase is almost as easy to guess as all-lowercase."
     )

@@ -79,6 +79,15 @@ def test_phone_user_registers_logs_in_and_saves_long_unbroken_details_without_si
         page.goto(path)
         expect(page.get_by_role("banner")).to_contain_text(LONG_NAME)
         assert_fits(page, f"member-{slug(path)}")
+    # The longest name makes the largest QR code (version 7, 53 modules): on the
+    # narrowest phone still in use it shrinks to fit its card.
+    page.set_viewport_size({"width": 320, "height": 640})
+    page.goto("/security/totp")
+    qr = page.locator("svg.totp-qr")
+    expect(qr).to_be_visible()
+    assert 150 <= qr.bounding_box()["width"]
+    assert_fits(page, "totp-320px")
+    page.set_viewport_size({"width": 375, "height": 740})
     page.goto("/account-details")
     page.get_by_label("Email").fill("not an address")
     page.get_by_role("button", name="Save").tap()
