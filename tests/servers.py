@@ -191,6 +191,9 @@ class Postgres:
     """
 
     PASSWORD = "test-only-password"
+    # Shared by the worker roles (add_workers): PostgreSQL's default max_connections (100)
+    # less some for the superuser and the roles a test makes of its own.
+    WORKER_CONNECTIONS = 90
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -210,10 +213,6 @@ class Postgres:
         server.port, server.tmp, server.owned = int(port), Path(folder), False
         server._claim_a_worker_role()
         return server
-
-    # PostgreSQL's default max_connections (100) less some for the superuser and the
-    # roles a test makes of its own.
-    WORKER_CONNECTIONS = 90
 
     def add_workers(self, count: int) -> None:
         """Make ``count`` login roles that share ``secure_app``'s rights, each limited to its
